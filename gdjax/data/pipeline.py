@@ -1,0 +1,334 @@
+"""From a data set's name to sharded training batches.
+
+Two halves:
+
+1. Loading, once per run, on the host: `load_dataset(name, source=..., data_dir=...,
+   image_size=..., channels=...)` reads both splits (see `sources.py`), converts channels,
+   resizes with antialiased bilinear interpolation (half-pixel centres, the filter PIL and
+   torchvision's `antialias=True` use: a triangle stretched by the scale when downsampling),
+   and scales to float32 in [-1, 1]. It returns two `ImageSplit`s (images NHWC, labels int32).
+   The resize is kept in float (torchvision rounds PIL's uint8 output; the gap is < 1/255).
+
+2. Batching: the batch at `step` of experience `e` is a pure function of (seed, e, step,
+   dataset size, batch size). Epoch k visits the examples in the order
+   `np.random.default_rng([seed, e, k]).permutation(n)`, cut into `n // batch_size` batches
+   (the remainder is dropped); the optional horizontal flip of each row comes from
+   `default_rng([seed, e, step, 1])`. So a run resumed at step s gets exactly the batches it
+   would have had. `batch_iterator(...)` builds those batches in a background thread, a
+   couple ahead of the accelerator, and, given a `data_sharding()`, places each one on the
+   devices sharded along the batch axis (each host builds only the rows its devices hold).
+
+    train, test = load_dataset("digits", image_size=16, channels=1)
+    part = train.select(experiences[e])
+    with batch_iterator(part.images, part.labels, batch_size=64, seed=0, experience=e,
+                        start_step=s, num_steps=400, sharding=data_sharding()) as batches:
+        for batch in batches:          # {"image": [64, 16, 16, 1], "label": [64]}
+            ...
+"""
+
+import dataclasses
+import itertools
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from gdjax.data import sources, splits
+
+_FLIP_STREAM = 1  # 4th seed word of the flip stream; the permutation stream's is an implicit 0
+_RESIZE_CHUNK = 4096  # images resized per einsum, to bound the host memory it takes
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """float64 [out_size, in_size] antialiased bilinear weights (half-pixel centres).
+
+    Output pixel o is centred at (o + 0.5) * in/out in input coordinates; input pixel i, at
+    i + 0.5, gets the triangle weight max(0, 1 - |distance| / max(in/out, 1)); each row is
+    normalised to sum to 1, which also clamps at the borders.
+    """
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)  # downsampling widens the filter: that is the antialiasing
+    centres = (np.arange(out_size) + 0.5) * scale
+    distance = (np.arange(in_size) + 0.5)[None, :] - centres[:, None]
+    weights = np.maximum(0.0, 1.0 - np.abs(distance) / stretch)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_bilinear(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resizes float NHWC `images` to `size` (int or (H, W)) with `resize_weights`; float32."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    images = np.asarray(images, dtype=np.float32)
+    if images.shape[1:3] == (out_h, out_w):
+        return images
+    wh = resize_weights(images.shape[1], out_h).astype(np.float32)
+    ww = resize_weights(images.shape[2], out_w).astype(np.float32)
+    out = np.empty((len(images), out_h, out_w, images.shape[3]), np.float32)
+    for start in range(0, len(images), _RESIZE_CHUNK):
+        chunk = images[start:start + _RESIZE_CHUNK]
+        out[start:start + _RESIZE_CHUNK] = np.einsum(
+            "oh,nhwc,pw->nopc", wh, chunk, ww, optimize=True)
+    return out
+
+
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC images with `channels` channels: grey repeated to RGB, RGB to ITU-R 601 luma."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if have == 3 and channels == 1:
+        luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.rint(luma)[..., None].astype(np.uint8)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def preprocess(images: np.ndarray, *, image_size: int, channels: int) -> np.ndarray:
+    """uint8 NHWC -> float32 [N, image_size, image_size, channels] in [-1, 1]."""
+    images = convert_channels(images, channels)
+    images = resize_bilinear(images, image_size)  # float32, still in [0, 255]
+    images = images * np.float32(1 / 127.5) - np.float32(1.0)
+    return np.clip(images, -1.0, 1.0, out=images)  # rounding can step just past +-1
+
+
+# ----------------------------------------------------------------------------- data sets
+
+@dataclasses.dataclass(frozen=True)
+class ImageSplit:
+    """One split of a data set: images float32 [N, H, W, C] in [-1, 1], labels int32 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The distinct labels present, ascending."""
+        return tuple(int(c) for c in np.unique(self.labels))
+
+    def take(self, indices: np.ndarray) -> "ImageSplit":
+        """The examples at `indices`, in that order."""
+        return ImageSplit(self.images[indices], self.labels[indices])
+
+    def select(self, classes: Sequence[int]) -> "ImageSplit":
+        """The examples whose label is in `classes` (an experience, or those seen so far)."""
+        return self.take(splits.experience_indices(self.labels, classes))
+
+
+def load_dataset(name: str, *, source: str | None = None, data_dir: str | None = None,
+                 image_size: int, channels: int,
+                 prepare: bool = False) -> tuple[ImageSplit, ImageSplit]:
+    """(train, test) of data set `name`, resized to `image_size` and scaled to [-1, 1].
+
+    `source` is one of `sources.SOURCES` (default: "sklearn" for "digits", else "raw");
+    `prepare` lets the "tfds" source download and prepare the data first (needs TensorFlow).
+    """
+    source = source or sources.default_source(name)
+    out = []
+    for split in sources.SPLITS:
+        images, labels = sources.read_source(name, source=source, split=split, data_dir=data_dir,
+                                             channels=channels, prepare=prepare and not out)
+        out.append(ImageSplit(preprocess(images, image_size=image_size, channels=channels),
+                              labels.astype(np.int32)))
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------- batch order
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped)."""
+    if batch_size < 1 or num_examples < batch_size:
+        raise ValueError(f"batch size {batch_size} needs 1 <= batch size <= the "
+                         f"{num_examples} examples of the experience")
+    return num_examples // batch_size
+
+
+def epoch_permutation(seed: int, experience: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order (int64 [num_examples]) in which epoch `epoch` of `experience` visits examples."""
+    return np.random.default_rng([seed, experience, epoch]).permutation(num_examples)
+
+
+def batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int,
+                  experience: int) -> np.ndarray:
+    """Example indices (int64 [batch_size]) of the batch at global `step` of `experience`."""
+    epoch, position = divmod(step, steps_per_epoch(num_examples, batch_size))
+    order = epoch_permutation(seed, experience, epoch, num_examples)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def flip_mask(step: int, *, batch_size: int, seed: int, experience: int) -> np.ndarray:
+    """bool [batch_size]: which rows of the batch at `step` are flipped left-right."""
+    rng = np.random.default_rng([seed, experience, step, _FLIP_STREAM])
+    return rng.random(batch_size) < 0.5
+
+
+def host_batch(images: np.ndarray, labels: np.ndarray, step: int, *, batch_size: int,
+               seed: int, experience: int, flip: bool = False,
+               rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """Rows `rows` of the batch at `step`: {"image": float32 NHWC, "label": int32}."""
+    index = batch_indices(step, num_examples=len(labels), batch_size=batch_size, seed=seed,
+                          experience=experience)[rows]
+    image = np.take(images, index, axis=0)
+    if flip:
+        mask = flip_mask(step, batch_size=batch_size, seed=seed, experience=experience)[rows]
+        image[mask] = image[mask, :, ::-1]
+    return {"image": image, "label": np.take(labels, index).astype(np.int32)}
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def data_sharding(mesh=None):
+    """NamedSharding splitting axis 0 over mesh axis 'data' (default: all devices, 1-D).
+
+    The default mesh uses AxisType.Auto so that jit partitions the computation itself, as in
+    plain data parallelism; pass your own mesh to share the train step's.
+    """
+    import jax  # lazily: importing this module must not start a backend
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    if mesh is None:
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def check_batch_size(batch_size: int, num_devices: int) -> None:
+    """ValueError, with the nearest valid sizes, unless `num_devices` divides `batch_size`."""
+    if batch_size % num_devices:
+        below = batch_size // num_devices * num_devices
+        valid = [s for s in (below, below + num_devices) if s > 0]
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {num_devices} devices it is "
+            f"sharded over; use a multiple of {num_devices}, e.g. "
+            + " or ".join(str(s) for s in valid))
+
+
+def local_rows(sharding, batch_size: int) -> slice:
+    """The contiguous rows of a global batch that this process's devices hold."""
+    check_batch_size(batch_size, sharding.mesh.shape["data"])
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    bounds = sorted({(s[0].indices(batch_size)[:2]) for s in index_map.values()})
+    start, stop = bounds[0][0], bounds[-1][1]
+    if sum(b - a for a, b in bounds) != stop - start:
+        raise ValueError(f"this process's devices hold non-contiguous rows {bounds}")
+    return slice(start, stop)
+
+
+def shard_batch(batch: dict[str, np.ndarray], sharding, *, batch_size: int | None = None):
+    """This process's rows of a global batch -> dict of global jax.Arrays sharded on axis 0.
+
+    `batch` holds the rows `local_rows(sharding, batch_size)` of the global batch (all of it on
+    one host); `batch_size` is the global size (default: the local size, i.e. one host).
+    """
+    import jax
+
+    local = len(next(iter(batch.values())))
+    batch_size = batch_size or local * jax.process_count()
+    check_batch_size(batch_size, sharding.mesh.shape["data"])
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- prefetch
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+class Prefetcher(Iterator):
+    """Runs an iterator in a background thread, `size` items ahead; close() stops it.
+
+    An exception raised in the thread is re-raised by the consumer's next().
+    """
+
+    def __init__(self, items: Iterator, size: int = 2):
+        self._queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as e:  # surfaced to the consumer, not lost in the thread
+            self._put(_Failure(e))
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END or isinstance(item, _Failure):
+            self.close()
+            if isinstance(item, _Failure):
+                raise item.error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stops the thread and drops what it had prepared; idempotent."""
+        self._done = True
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _batches(images, labels, steps, *, batch_size, seed, experience, flip, sharding):
+    rows = slice(None) if sharding is None else local_rows(sharding, batch_size)
+    for step in steps:
+        batch = host_batch(images, labels, step, batch_size=batch_size, seed=seed,
+                           experience=experience, flip=flip, rows=rows)
+        yield batch if sharding is None else shard_batch(batch, sharding, batch_size=batch_size)
+
+
+def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
+                   experience: int, start_step: int = 0, num_steps: int | None = None,
+                   flip: bool = False, sharding=None, prefetch: int = 2) -> Prefetcher:
+    """Batches at steps start_step, ..., num_steps - 1 (forever if None) of `experience`.
+
+    Each is {"image": float32 [B, H, W, C], "label": int32 [B]}: numpy arrays, or, with a
+    `sharding` (see `data_sharding`), global jax.Arrays sharded along the batch. `num_steps`
+    is the experience's total, so a run resumed at step s passes the same `num_steps` and
+    `start_step=s`. Close the iterator (or use it in a `with`) to stop its thread.
+    """
+    steps_per_epoch(len(labels), batch_size)  # fail here, not in the thread
+    if sharding is not None:
+        check_batch_size(batch_size, sharding.mesh.shape["data"])
+    steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
+    return Prefetcher(_batches(images, labels, steps, batch_size=batch_size, seed=seed,
+                               experience=experience, flip=flip, sharding=sharding),
+                      size=prefetch)
