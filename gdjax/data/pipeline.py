@@ -37,7 +37,7 @@ import numpy as np
 from gdjax.data import sources, splits
 
 _FLIP_STREAM = 1  # 4th seed word of the flip stream; the permutation stream's is an implicit 0
-_RESIZE_CHUNK = 4096  # images resized per einsum, to bound the host memory it takes
+_RESIZE_CHUNK = 4096  # images resized at a time, to bound the host memory it takes
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -58,18 +58,18 @@ def resize_weights(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_bilinear(images: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resizes float NHWC `images` to `size` (int or (H, W)) with `resize_weights`; float32."""
+    """NHWC `images` resized to `size` (int or (H, W)) with `resize_weights`: a new float32 array."""
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    images = np.asarray(images, dtype=np.float32)
     if images.shape[1:3] == (out_h, out_w):
-        return images
+        return np.array(images, dtype=np.float32)  # a copy: callers may scale it in place
+    images = np.asarray(images, dtype=np.float32)
     wh = resize_weights(images.shape[1], out_h).astype(np.float32)
     ww = resize_weights(images.shape[2], out_w).astype(np.float32)
     out = np.empty((len(images), out_h, out_w, images.shape[3]), np.float32)
     for start in range(0, len(images), _RESIZE_CHUNK):
-        chunk = images[start:start + _RESIZE_CHUNK]
-        out[start:start + _RESIZE_CHUNK] = np.einsum(
-            "oh,nhwc,pw->nopc", wh, chunk, ww, optimize=True)
+        # As [n, c, h, w], both passes are batched matrix products (faster than einsum).
+        chunk = images[start:start + _RESIZE_CHUNK].transpose(0, 3, 1, 2)
+        out[start:start + _RESIZE_CHUNK] = (wh @ chunk @ ww.T).transpose(0, 2, 3, 1)
     return out
 
 
@@ -90,7 +90,8 @@ def preprocess(images: np.ndarray, *, image_size: int, channels: int) -> np.ndar
     """uint8 NHWC -> float32 [N, image_size, image_size, channels] in [-1, 1]."""
     images = convert_channels(images, channels)
     images = resize_bilinear(images, image_size)  # float32, still in [0, 255]
-    images = images * np.float32(1 / 127.5) - np.float32(1.0)
+    images *= np.float32(1 / 127.5)  # in place: CIFAR's train split is 600 MB as float32
+    images -= np.float32(1.0)
     return np.clip(images, -1.0, 1.0, out=images)  # rounding can step just past +-1
 
 
