@@ -1,0 +1,143 @@
+"""Continual-learning strategies: for each, the replay half of a batch and its targets.
+
+Every function here is pure and traceable: it runs inside the one compiled train step.
+A strategy with a teacher gets the frozen teacher's parameters as an explicit argument
+and produces `ReplayRows`: the inputs the student sees, their timesteps and the regression
+targets (REFERENCE §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gdjax import ddim
+from gdjax.schedule import Schedule, add_noise
+
+ApplyFn = Callable[..., jnp.ndarray]  # apply_fn(params, x, t) -> eps
+
+NAIVE = "naive"
+CUMULATIVE = "cumulative"
+ER = "er"
+NO_DISTILLATION = "no_distillation"
+FULL_GENERATION = "full_generation_distillation"
+PARTIAL_GENERATION = "partial_generation_distillation"
+GAUSSIAN = "gaussian_distillation"
+GAUSSIAN_SYMMETRY = "gaussian_symmetry_distillation"
+LWF = "lwf_distillation"
+
+STRATEGIES = (NAIVE, CUMULATIVE, ER, NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION,
+              GAUSSIAN, GAUSSIAN_SYMMETRY, LWF)
+# Strategies that need a frozen copy of the previous experience's model.
+TEACHER_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION, GAUSSIAN,
+                      GAUSSIAN_SYMMETRY, LWF)
+# Strategies whose teacher runs its reverse process (teacher_steps, teacher_eta matter).
+GENERATIVE_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    """Static (hashable) strategy settings; see configs/base.py for their meaning."""
+
+    name: str = FULL_GENERATION
+    lambd: float = 1.0
+    weight_replay_loss: bool = True
+    replay_start_timestep: int = 0
+    teacher_steps: int = 2
+    teacher_eta: float = 0.0
+    replay_size: int = 0  # 0: the batch size
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        if self.name not in STRATEGIES:
+            raise ValueError(
+                f"strategy.name={self.name!r} is unknown; use one of: {', '.join(STRATEGIES)}.")
+        if not 0 <= self.replay_start_timestep < num_train_timesteps:
+            raise ValueError(
+                f"strategy.replay_start_timestep={self.replay_start_timestep} must be in "
+                f"0..{num_train_timesteps - 1}.")
+        if not 1 <= self.teacher_steps <= num_train_timesteps:
+            raise ValueError(
+                f"strategy.teacher_steps={self.teacher_steps} must be in 1..{num_train_timesteps}.")
+        if self.teacher_eta < 0:
+            raise ValueError(f"strategy.teacher_eta={self.teacher_eta} must be >= 0.")
+        if self.lambd < 0:
+            raise ValueError(f"strategy.lambd={self.lambd} must be >= 0.")
+        if self.replay_size < 0:
+            raise ValueError(f"strategy.replay_size={self.replay_size} must be >= 0 (0: batch size).")
+
+
+class ReplayRows(NamedTuple):
+    """The replay half: inputs x [R, ...] (None: reuse the data rows), timesteps t [R], targets."""
+
+    x: jnp.ndarray | None
+    t: jnp.ndarray
+    target: jnp.ndarray
+
+
+def symmetric_noise(noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """Noise made mirror-symmetric by timestep band (NHWC; the reference's rule, REFERENCE §4).
+
+    Rows with 333 < t <= 666: the first half of them (in row order) get their top half
+    replaced by the bottom half flipped upside down, the rest their left half by the right
+    half flipped left to right. Rows with t <= 333 get both, top first.
+    """
+    h, w = noise.shape[1], noise.shape[2]
+    top_from_bottom = noise.at[:, : h // 2].set(jnp.flip(noise[:, h - h // 2:], axis=1))
+    mid = (t > 333) & (t <= 666)
+    rank = jnp.cumsum(mid) - 1
+    first = mid & (rank < jnp.sum(mid) // 2)
+    low = t <= 333
+    rows = lambda m: m.reshape((-1,) + (1,) * (noise.ndim - 1))
+    x = jnp.where(rows(first | low), top_from_bottom, noise)
+    left_from_right = x.at[:, :, : w // 2].set(jnp.flip(x[:, :, w - w // 2:], axis=2))
+    return jnp.where(rows((mid & ~first) | low), left_from_right, x)
+
+
+def teacher_generate(apply_fn: ApplyFn, teacher_params, schedule: Schedule, noise, *,
+                     num_steps: int, eta: float, rng, targets=None) -> jnp.ndarray:
+    """The teacher's DDIM reverse process from `noise` (down to `targets`; None: clean)."""
+    denoise = lambda x, t: apply_fn(teacher_params, x, t)
+    return ddim.reverse_process(denoise, schedule, noise, num_steps=num_steps, targets=targets,
+                                eta=eta, rng=rng)
+
+
+def replay_rows(cfg: StrategyConfig, *, apply_fn: ApplyFn, teacher_params, schedule: Schedule,
+                rng: jax.Array, image_shape: tuple, data_x_t=None, data_t=None,
+                memory_x0=None, constrain=lambda x: x) -> ReplayRows | None:
+    """The replay half of a batch for strategy `cfg.name`; None for strategies without one.
+
+    image_shape: (R, H, W, C) of the replay rows. data_x_t / data_t: the noisy real rows
+    (LwF distils on them). memory_x0: real images from the ER buffer. `constrain` pins
+    intermediate arrays to the batch sharding.
+    """
+    name = cfg.name
+    if name in (NAIVE, CUMULATIVE):
+        return None
+    k_noise, k_t, k_start, k_gen = jax.random.split(rng, 4)
+    T = schedule.num_train_timesteps
+    teacher = lambda x, t: jax.lax.stop_gradient(apply_fn(teacher_params, x, t))
+    if name == LWF:
+        return ReplayRows(None, data_t, teacher(data_x_t, data_t))
+    eps = constrain(jax.random.normal(k_noise, image_shape))
+    # ER's memory rows are ordinary training rows: timesteps from the full range.
+    t_low = 0 if name == ER else cfg.replay_start_timestep
+    t = constrain(jax.random.randint(k_t, image_shape[:1], t_low, T))
+    if name == ER:
+        return ReplayRows(add_noise(schedule, memory_x0, noise=eps, t=t), t, eps)
+    if name in (GAUSSIAN, GAUSSIAN_SYMMETRY):
+        x = symmetric_noise(eps, t) if name == GAUSSIAN_SYMMETRY else eps
+        return ReplayRows(x, t, teacher(x, t))
+    start = constrain(jax.random.normal(k_start, image_shape))
+    generate = lambda targets: jax.lax.stop_gradient(teacher_generate(
+        apply_fn, teacher_params, schedule, start, num_steps=cfg.teacher_steps,
+        eta=cfg.teacher_eta, rng=k_gen, targets=targets))
+    if name == PARTIAL_GENERATION:
+        x = generate(t)
+        return ReplayRows(x, t, teacher(x, t))
+    x = add_noise(schedule, generate(None), noise=eps, t=t)
+    if name == NO_DISTILLATION:
+        return ReplayRows(x, t, eps)
+    return ReplayRows(x, t, teacher(x, t))  # full generation distillation

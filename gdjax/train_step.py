@@ -1,0 +1,135 @@
+"""The one compiled train step: `(state, teacher_params, batch, rng) -> (state, metrics)`.
+
+Inside a single `jax.jit`: noise and timesteps for the real rows, the strategy's replay
+half (the frozen teacher's scanned reverse process, re-noising and predictions), the
+student's forward and backward pass over all rows at once, gradient clipping and Adam.
+Data parallelism: the batch is sharded over a 1-D ('data',) mesh and everything else is
+replicated; XLA inserts the gradient all-reduce, so the math equals the one-device math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gdjax import losses, strategies
+from gdjax.schedule import Schedule, add_noise
+from gdjax.strategies import StrategyConfig
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree; `step` counts over all experiences)."""
+
+    step: jnp.ndarray  # int32 scalar
+    experience: jnp.ndarray  # int32 scalar, 0-based index of the experience being learned
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; <= 0 disables
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Adam without weight decay or schedule, after global-norm clipping (the baseline's)."""
+    adam = optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adam)
+    return adam
+
+
+def init_state(params, optimizer: optax.GradientTransformation, experience: int = 0) -> TrainState:
+    return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params))
+
+
+def _distill_loss(params, apply_fn, schedule, criterion, replay):
+    """IID distillation: the student regresses onto the teacher on replay rows alone."""
+    pred = apply_fn(params, replay.x, replay.t)
+    loss = losses.criterion(criterion, pred, replay.target, replay.t, schedule)
+    return loss, (jnp.float32(0.0), loss)
+
+
+def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t, eps, replay):
+    """Loss over the real rows and the replay rows in one forward pass, plus its parts."""
+    batch = x_t.shape[0]
+    if replay is None or replay.x is None:
+        pred = apply_fn(params, x_t, t)
+    else:
+        pred = apply_fn(params, jnp.concatenate([x_t, replay.x]), jnp.concatenate([t, replay.t]))
+    data_loss = losses.criterion(criterion, pred[:batch], eps, t, schedule)
+    if replay is None:
+        return data_loss, (data_loss, jnp.float32(0.0))
+    replay_pred = pred[:batch] if replay.x is None else pred[batch:]
+    replay_loss = losses.criterion(criterion, replay_pred, replay.target, replay.t, schedule)
+    if cfg.name == strategies.ER:
+        # The baseline's ER (avalanche ReplayPlugin) takes one criterion over all rows.
+        targets = jnp.concatenate([eps, replay.target])
+        loss = losses.criterion(criterion, pred, targets, jnp.concatenate([t, replay.t]), schedule)
+    else:
+        loss = losses.combine(data_loss, replay_loss, experience=experience, lambd=cfg.lambd,
+                              weight_replay_loss=cfg.weight_replay_loss)
+    return loss, (data_loss, replay_loss)
+
+
+def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
+                    optimizer: optax.GradientTransformation, criterion: str = "mse",
+                    with_replay: bool = True, mesh: Mesh | None = None,
+                    distill_only: bool = False):
+    """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
+
+    `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
+    images only give the shape of the replay rows.
+
+    The step's batch is {"image": [B, H, W, C]} plus {"memory": [R, H, W, C]} for ER.
+    `rng` is one fixed key per run; the step folds in `state.step`, so a resumed run draws
+    the same numbers. The train state is donated.
+    """
+    if criterion not in losses.CRITERIA:
+        raise ValueError(f"train.criterion={criterion!r} is unknown; use one of {losses.CRITERIA}.")
+    strategy.validate(schedule.num_train_timesteps)
+    use_replay = with_replay and strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE)
+    data_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+    constrain = ((lambda x: jax.lax.with_sharding_constraint(x, data_sharding))
+                 if mesh is not None else (lambda x: x))
+
+    def step(state: TrainState, teacher_params, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        k_eps, k_t, k_replay = jax.random.split(rng, 3)
+        x0 = batch["image"]
+        eps = constrain(jax.random.normal(k_eps, x0.shape, x0.dtype))
+        t = constrain(jax.random.randint(k_t, x0.shape[:1], 0, schedule.num_train_timesteps))
+        x_t = add_noise(schedule, x0, noise=eps, t=t)
+        replay = None
+        if use_replay:
+            rows = strategy.replay_size or x0.shape[0]
+            replay = strategies.replay_rows(
+                strategy, apply_fn=apply_fn, teacher_params=teacher_params, schedule=schedule,
+                rng=k_replay, image_shape=(rows,) + x0.shape[1:], data_x_t=x_t, data_t=t,
+                memory_x0=batch.get("memory"), constrain=constrain)
+        if distill_only:
+            grad_fn = jax.value_and_grad(_distill_loss, has_aux=True)
+            args = (apply_fn, schedule, criterion, replay)
+        else:
+            grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
+            args = (apply_fn, schedule, criterion, strategy, state.experience, x_t, t, eps, replay)
+        (loss, (data_loss, replay_loss)), grads = grad_fn(state.params, *args)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
+                   "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, state.experience, params, opt_state), metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))

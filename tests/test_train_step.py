@@ -1,0 +1,238 @@
+"""The compiled train step: every strategy, the frozen teacher, targets, weights, devices."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdjax import ddim, losses, strategies, unet
+from gdjax.schedule import add_noise, make_schedule
+from gdjax.strategies import StrategyConfig
+from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
+
+SCHEDULE = make_schedule()
+CFG = unet.get_unet_config("tiny")
+MODEL = unet.UNet(CFG)
+B = 4
+
+
+def apply_fn(params, x, t):
+    return MODEL.apply({"params": params}, x, t)
+
+
+APPLY = jax.jit(apply_fn)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    student = unet.init_params(CFG, jax.random.key(0))
+    teacher = unet.init_params(CFG, jax.random.key(1))
+    images = jax.random.uniform(jax.random.key(2), (B, 16, 16, 1), minval=-1, maxval=1)
+    return student, teacher, {"image": images, "memory": images[::-1]}
+
+
+def copy(tree):
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+OPT = make_optimizer(OptimConfig(learning_rate=1e-3))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step(strategy):
+    """One jitted step per strategy, shared by the tests so each compiles once."""
+    return make_train_step(apply_fn=apply_fn, schedule=SCHEDULE,
+                           strategy=StrategyConfig(strategy, lambd=0.7), optimizer=OPT)
+
+
+def run_steps(strategy, student, teacher, batch, n=2, experience=1):
+    step = compiled_step(strategy)
+    state = init_state(copy(student), OPT, experience=experience)
+    metrics = []
+    for _ in range(n):
+        state, m = step(state, teacher, batch, jax.random.key(7))
+        metrics.append(jax.device_get(m))
+    return step, state, metrics
+
+
+def test_replay_weights_sum_to_one():
+    for k in range(5):
+        w_data, w_replay = losses.replay_weights(jnp.int32(k), True)
+        assert float(w_data) == pytest.approx(1 / (k + 1))
+        assert float(w_replay) == pytest.approx(1 - 1 / (k + 1))
+        assert float(w_data + w_replay) == pytest.approx(1.0)
+    assert tuple(map(float, losses.replay_weights(jnp.int32(3), False))) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("name", strategies.STRATEGIES)
+def test_every_strategy_compiles_once_and_keeps_teacher_frozen(name, setup):
+    student, teacher, batch = setup
+    teacher_before = jax.tree.map(np.asarray, teacher)
+    step, state, metrics = run_steps(name, student, teacher, batch, n=3)
+    run_steps(name, student, teacher, batch, n=1, experience=4)  # another experience: no retrace
+    assert step._cache_size() == 1
+    assert int(state.step) == 3
+    jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.tree.map(np.asarray, teacher))
+    for m in metrics:
+        assert all(np.isfinite(v) for v in m.values())
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, student))
+    assert max(moved) > 0
+    has_replay = name not in (strategies.NAIVE, strategies.CUMULATIVE)
+    assert (metrics[0]["replay_loss"] > 0) == has_replay
+
+
+def replay_key(step_index):
+    rng = jax.random.fold_in(jax.random.key(7), step_index)
+    return jax.random.split(rng, 3)
+
+
+@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.PARTIAL_GENERATION,
+                                  strategies.GAUSSIAN, strategies.GAUSSIAN_SYMMETRY,
+                                  strategies.NO_DISTILLATION])
+def test_targets_are_the_teachers_predictions(name, setup):
+    """Recompute the step's replay rows and targets outside it, and its losses from them."""
+    student, teacher, batch = setup
+    cfg = StrategyConfig(name, lambd=0.7)
+    k_eps, k_t, k_replay = replay_key(0)
+    x0 = batch["image"]
+    eps = jax.random.normal(k_eps, x0.shape)
+    t = jax.random.randint(k_t, (B,), 0, 1000)
+    rows = jax.jit(lambda tp, key: strategies.replay_rows(
+        cfg, apply_fn=apply_fn, teacher_params=tp, schedule=SCHEDULE, rng=key,
+        image_shape=x0.shape))(teacher, k_replay)
+    if name == strategies.NO_DISTILLATION:
+        assert not np.allclose(rows.target, APPLY(teacher, rows.x, rows.t))
+    else:
+        np.testing.assert_allclose(rows.target, APPLY(teacher, rows.x, rows.t), atol=1e-6)
+    if name in (strategies.GAUSSIAN, strategies.GAUSSIAN_SYMMETRY):
+        assert float(jnp.std(rows.x)) > 0.5  # pure noise
+    pred = APPLY(student, jnp.concatenate([add_noise(SCHEDULE, x0, noise=eps, t=t), rows.x]),
+                             jnp.concatenate([t, rows.t]))
+    data = float(jnp.mean((pred[:B] - eps) ** 2))
+    replay = float(jnp.mean((pred[B:] - rows.target) ** 2))
+    _, _, metrics = run_steps(name, student, teacher, batch, n=1, experience=2)
+    assert metrics[0]["data_loss"] == pytest.approx(data, rel=1e-4)
+    assert metrics[0]["replay_loss"] == pytest.approx(replay, rel=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(data / 3 + (2 / 3) * 0.7 * replay, rel=1e-4)
+
+
+def test_full_generation_inputs_come_from_the_teachers_reverse_process(setup):
+    student, teacher, batch = setup
+    cfg = StrategyConfig(strategies.FULL_GENERATION, teacher_steps=2)
+    _, _, k_replay = replay_key(0)
+    rows = jax.jit(lambda tp, key: strategies.replay_rows(
+        cfg, apply_fn=apply_fn, teacher_params=tp, schedule=SCHEDULE, rng=key,
+        image_shape=(B, 16, 16, 1)))(teacher, k_replay)
+    k_noise, k_t, k_start, _ = jax.random.split(k_replay, 4)
+    # The reverse process written out as a Python loop of DDIM steps, outside any scan.
+    x0 = jax.random.normal(k_start, (B, 16, 16, 1))
+    for t_now, t_prev in ((999, 499), (499, -1)):
+        tt = jnp.full((B,), t_now)
+        x0 = ddim.ddim_step(SCHEDULE, x0, APPLY(teacher, x0, tt), t=tt, t_prev=jnp.full((B,), t_prev))
+    t = jax.random.randint(k_t, (B,), 0, 1000)
+    want = add_noise(SCHEDULE, x0, noise=jax.random.normal(k_noise, (B, 16, 16, 1)), t=t)
+    np.testing.assert_allclose(rows.x, want, atol=1e-5)
+
+
+def test_lwf_distils_on_the_real_rows(setup):
+    student, teacher, batch = setup
+    k_eps, k_t, _ = replay_key(0)
+    x0 = batch["image"]
+    eps = jax.random.normal(k_eps, x0.shape)
+    t = jax.random.randint(k_t, (B,), 0, 1000)
+    x_t = add_noise(SCHEDULE, x0, noise=eps, t=t)
+    pred = APPLY(student, x_t, t)
+    _, _, metrics = run_steps(strategies.LWF, student, teacher, batch, n=1, experience=1)
+    assert metrics[0]["data_loss"] == pytest.approx(float(jnp.mean((pred - eps) ** 2)), rel=1e-4)
+    want = float(jnp.mean((pred - APPLY(teacher, x_t, t)) ** 2))
+    assert metrics[0]["replay_loss"] == pytest.approx(want, rel=1e-4)
+
+
+def test_symmetric_noise_rule():
+    noise = jax.random.normal(jax.random.key(0), (6, 4, 4, 1))
+    t = jnp.array([900, 500, 600, 400, 100, 650])  # mid rows: 1, 2, 3, 5 -> first half 1, 2
+    out = np.asarray(strategies.symmetric_noise(noise, t))
+    n = np.asarray(noise)
+    np.testing.assert_array_equal(out[0], n[0])
+    for i in (1, 2):  # top from bottom
+        np.testing.assert_array_equal(out[i, :2], n[i, 2:][::-1])
+        np.testing.assert_array_equal(out[i, 2:], n[i, 2:])
+    for i in (3, 5):  # left from right
+        np.testing.assert_array_equal(out[i, :, :2], n[i, :, 2:][:, ::-1])
+        np.testing.assert_array_equal(out[i, :, 2:], n[i, :, 2:])
+    top = n[4].copy()
+    top[:2] = n[4, 2:][::-1]
+    want = top.copy()
+    want[:, :2] = top[:, 2:][:, ::-1]
+    np.testing.assert_array_equal(out[4], want)
+
+
+def test_er_is_one_criterion_over_all_rows(setup):
+    student, teacher, batch = setup
+    _, _, m = run_steps(strategies.ER, student, teacher, batch, n=1, experience=3)
+    assert m[0]["loss"] == pytest.approx(0.5 * (m[0]["data_loss"] + m[0]["replay_loss"]), rel=1e-5)
+
+
+def test_bad_strategy_and_criterion():
+    opt = make_optimizer(OptimConfig())
+    with pytest.raises(ValueError, match="strategy.name='distill'"):
+        make_train_step(apply_fn=apply_fn, schedule=SCHEDULE, strategy=StrategyConfig("distill"),
+                        optimizer=opt)
+    with pytest.raises(ValueError, match="criterion"):
+        make_train_step(apply_fn=apply_fn, schedule=SCHEDULE, strategy=StrategyConfig(),
+                        optimizer=opt, criterion="l3")
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from gdjax import unet
+    from gdjax.schedule import make_schedule
+    from gdjax.strategies import StrategyConfig
+    from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    assert jax.device_count() == 8
+    cfg = unet.get_unet_config("tiny")
+    model = unet.UNet(cfg)
+    apply_fn = lambda p, x, t: model.apply({"params": p}, x, t)
+    student = unet.init_params(cfg, jax.random.key(0))
+    teacher = unet.init_params(cfg, jax.random.key(1))
+    images = jax.random.uniform(jax.random.key(2), (8, 16, 16, 1), minval=-1, maxval=1)
+    opt = make_optimizer(OptimConfig(learning_rate=1e-3))
+    strategy = StrategyConfig("full_generation_distillation")
+    results = []
+    from jax.sharding import AxisType
+    for mesh in (None, jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))):
+        step = make_train_step(apply_fn=apply_fn, schedule=make_schedule(), strategy=strategy,
+                               optimizer=opt, mesh=mesh)
+        state = init_state(jax.tree.map(jnp.array, student), opt, experience=1)
+        batch = {"image": images}
+        if mesh is not None:
+            rep = NamedSharding(mesh, P())
+            state, teacher_in = jax.device_put((state, teacher), rep)
+            batch = {"image": jax.device_put(images, NamedSharding(mesh, P("data")))}
+        else:
+            teacher_in = teacher
+        for _ in range(2):
+            state, m = step(state, teacher_in, batch, jax.random.key(3))
+        results.append((jax.device_get(m), jax.device_get(state.params)))
+    (m1, p1), (m8, p8) = results
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v): near-zero gradients turn float noise into ~lr * 1e-2 moves.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p8)
+    print("OK", float(m1["loss"]), float(m8["loss"]))
+""")
+
+
+def test_eight_devices_equal_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
