@@ -1,0 +1,61 @@
+"""Checks a run config's values before anything is loaded or compiled.
+
+The config files (configs/*.py) are locked ConfigDicts, so a misspelt key already fails
+there; this module checks the values and their combinations, and names the fix.
+"""
+
+from __future__ import annotations
+
+from gdjax import losses, strategies
+
+MODES = ("continual", "iid", "iid_distill")
+IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
+                          strategies.PARTIAL_GENERATION)
+DTYPES = ("float32", "bfloat16")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(section, names: tuple, prefix: str) -> None:
+    for name in names:
+        value = section[name]
+        _require(isinstance(value, int) and value > 0,
+                 f"{prefix}.{name}={value!r} must be a positive integer.")
+
+
+def validate_config(config) -> None:
+    """Raises ValueError naming the first bad key, its value and what would be valid."""
+    for section in ("data", "model", "diffusion", "strategy", "train", "eval", "log"):
+        _require(section in config, f"the config has no '{section}' section: start from "
+                                    f"configs/base.py get_config().")
+    s, t, e, d = config.strategy, config.train, config.eval, config.data
+    strategies.StrategyConfig(name=s.name).validate()
+    _require(t.mode in MODES, f"train.mode={t.mode!r} is unknown; use one of {MODES}.")
+    _require(t.criterion in losses.CRITERIA,
+             f"train.criterion={t.criterion!r} is unknown; use one of {losses.CRITERIA}.")
+    if t.mode == "iid_distill":
+        _require(s.name in IID_DISTILL_STRATEGIES,
+                 f"train.mode='iid_distill' distils with strategy.name in "
+                 f"{IID_DISTILL_STRATEGIES}, not {s.name!r}.")
+    if t.mode == "iid":
+        _require(s.name == strategies.NAIVE,
+                 f"train.mode='iid' trains on all the data at once: set strategy.name='naive' "
+                 f"(got {s.name!r}).")
+    _require(config.model.dtype in DTYPES,
+             f"model.dtype={config.model.dtype!r} is unknown; use one of {DTYPES}.")
+    _positive(d, ("image_size", "channels", "n_experiences", "prefetch"), "data")
+    _positive(t, ("batch_size", "log_every", "checkpoint_every", "max_to_keep"), "train")
+    _positive(e, ("steps", "num_samples", "batch_size", "grid_samples"), "eval")
+    _require(t.steps_per_experience > 0 or t.epochs_per_experience > 0,
+             "set train.steps_per_experience or train.epochs_per_experience to a positive value.")
+    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
+    _require(1 <= e.steps <= config.diffusion.num_train_timesteps,
+             f"eval.steps={e.steps} must be in 1..{config.diffusion.num_train_timesteps}.")
+    _require(s.er_buffer_size > 0, f"strategy.er_buffer_size={s.er_buffer_size} must be > 0.")
+    strategies.StrategyConfig(
+        name=s.name, lambd=s.lambd, replay_start_timestep=s.replay_start_timestep,
+        teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
+        replay_size=s.replay_size).validate(config.diffusion.num_train_timesteps)

@@ -1,0 +1,351 @@
+"""The experience loop: learn the experiences one after another, resumably.
+
+config -> data + model + schedule -> compiled steps -> this loop -> checkpoints, metric
+rows, sample grids, and an evaluation hook after each experience. A run killed at any
+moment and restarted with the same workdir resumes from its last checkpoint and ends
+with the same parameters and metrics: batches, noise and replay are pure functions of
+(seed, experience, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gdjax import data as gdata
+from gdjax import generate, strategies, unet
+from gdjax.checkpoint import Checkpointer, config_fingerprint
+from gdjax.config import validate_config
+from gdjax.grid import save_image_grid
+from gdjax.logs import MetricLogger, Progress
+from gdjax.schedule import make_schedule
+from gdjax.strategies import StrategyConfig
+from gdjax.train_step import OptimConfig, TrainState, init_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+# eval_hook(run, experience_index, params) -> {metric name: value}, logged per experience.
+EvalHook = Callable[["Run", int, Any], dict]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN or inf."""
+
+
+@functools.lru_cache(maxsize=None)
+def model_apply_fn(config: unet.UNetConfig) -> Callable:
+    """apply_fn(params, x, t) for a UNet config; one stable function per config (jit cache)."""
+    model = unet.UNet(config)
+
+    def apply_fn(params, x, t):
+        return model.apply({"params": params}, x, t)
+
+    return apply_fn
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run is made of, built once from its config."""
+
+    config: Any
+    workdir: str
+    unet_config: unet.UNetConfig
+    apply_fn: Callable
+    schedule: Any
+    strategy: StrategyConfig
+    optimizer: Any
+    train: gdata.ImageSplit
+    test: gdata.ImageSplit
+    experiences: list
+    sharding: NamedSharding  # the batch sharding; its mesh holds every device
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.sharding.mesh, P())
+
+    @property
+    def image_shape(self) -> tuple:
+        c = self.unet_config
+        return (c.sample_size, c.sample_size, c.in_channels)
+
+
+def build(config, workdir: str) -> Run:
+    """Validates the config and loads data, model, schedule and optimizer (no compilation)."""
+    validate_config(config)
+    d, t = config.data, config.train
+    unet_config = unet.get_unet_config(config.model.name, dtype=config.model.dtype)
+    if (unet_config.sample_size, unet_config.in_channels) != (d.image_size, d.channels):
+        raise ValueError(
+            f"model.name={config.model.name!r} takes {unet_config.sample_size}px images with "
+            f"{unet_config.in_channels} channel(s), but data.image_size={d.image_size}, "
+            f"data.channels={d.channels}: make them agree.")
+    sharding = gdata.data_sharding()
+    gdata.check_batch_size(t.batch_size, sharding.mesh.shape["data"])
+    train, test = gdata.load_dataset(d.name, source=d.source, data_dir=d.data_dir or None,
+                                     image_size=d.image_size, channels=d.channels)
+    order = gdata.resolve_class_order(len(train.classes), seed=config.seed,
+                                      fixed_order=tuple(d.class_order) or None)
+    n_exp = 1 if t.mode != "continual" else d.n_experiences
+    experiences = gdata.make_experiences(order, n_exp)
+    return Run(config=config, workdir=workdir, unet_config=unet_config,
+               apply_fn=model_apply_fn(unet_config),
+               schedule=_schedule(tuple(config.diffusion.items())),
+               strategy=strategy_config(config), optimizer=make_optimizer(OptimConfig(
+                   learning_rate=t.learning_rate, grad_clip=t.grad_clip)),
+               train=train, test=test, experiences=experiences, sharding=sharding)
+
+
+def strategy_config(config) -> StrategyConfig:
+    s = config.strategy
+    return StrategyConfig(name=s.name, lambd=s.lambd, weight_replay_loss=s.weight_replay_loss,
+                          replay_start_timestep=s.replay_start_timestep,
+                          teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
+                          replay_size=s.replay_size)
+
+
+# ----------------------------------------------------------------------------- data per step
+
+def experience_data(run: Run, k: int) -> gdata.ImageSplit:
+    """The training data of experience k (all experiences so far for `cumulative`)."""
+    if run.strategy.name == strategies.CUMULATIVE:
+        return run.train.select(gdata.seen_classes(run.experiences, k))
+    return run.train.select(run.experiences[k])
+
+
+def num_steps(run: Run, k: int) -> int:
+    t = run.config.train
+    if t.steps_per_experience > 0:
+        return t.steps_per_experience
+    return t.epochs_per_experience * gdata.steps_per_epoch(len(experience_data(run, k)),
+                                                           t.batch_size)
+
+
+def er_buffer(run: Run, k: int) -> np.ndarray:
+    """Train-set indices in the ER buffer while learning experience k (0-based).
+
+    Like avalanche's experience-balanced buffer: after j+1 experiences each keeps
+    buffer_size // (j+1) of its images (the first groups take the remainder), a fixed
+    random subset per experience drawn from the seed.
+    """
+    size, seen = run.config.strategy.er_buffer_size, k
+    if seen == 0:
+        return np.zeros((0,), np.int64)
+    quotas = [size // seen + (1 if j < size % seen else 0) for j in range(seen)]
+    parts = []
+    for j, quota in enumerate(quotas):
+        index = gdata.experience_indices(run.train.labels, run.experiences[j])
+        order = np.random.default_rng([run.config.seed, j, 7]).permutation(len(index))
+        parts.append(index[order[:quota]])
+    return np.concatenate(parts)
+
+
+def memory_batch(run: Run, buffer: np.ndarray, k: int, step: int, rows: int) -> np.ndarray:
+    rng = np.random.default_rng([run.config.seed, k, step, 3])
+    pick = rng.choice(len(buffer), rows, replace=len(buffer) < rows)
+    return run.train.images[buffer[pick]]
+
+
+# ----------------------------------------------------------------------------- state and checkpoints
+
+def initial_state(run: Run) -> tuple[TrainState, Any]:
+    """Fresh student state and a teacher slot (a copy of the params until one is frozen)."""
+    params = unet.init_params(run.unet_config, jax.random.key(run.config.seed))
+    teacher = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated
+    if run.config.train.mode == "iid_distill":
+        teacher = load_teacher(run)
+    state = init_state(params, run.optimizer)
+    return jax.device_put((state, teacher), run.replicated)
+
+
+def load_teacher(run: Run):
+    from gdjax.convert import restore_params  # Orbax params written by launch/convert.py
+
+    teacher_dir = run.config.train.teacher_dir
+    if not teacher_dir or not os.path.isdir(teacher_dir):
+        raise FileNotFoundError(
+            f"train.teacher_dir={teacher_dir!r} is not a directory: iid_distill needs a trained "
+            f"teacher saved with `python -m launch.convert` or a finished gdjax run's params.")
+    teacher_config, params = restore_params(teacher_dir)
+    if teacher_config != run.unet_config:
+        raise ValueError(f"the teacher in {teacher_dir} has UNet config {teacher_config}, but "
+                         f"model.name={run.config.model.name!r} is {run.unet_config}.")
+    return params
+
+
+def save(ckpt: Checkpointer, run: Run, state, teacher, rng, *, experience: int, step: int) -> None:
+    meta = {"experience": experience, "step_in_experience": step,
+            "fingerprint": config_fingerprint(run.config.to_dict())}
+    ckpt.save(int(state.step), {"state": state, "teacher": teacher,
+                                "rng": jax.random.key_data(rng)}, meta)
+
+
+def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher):
+    """(state, teacher, rng, meta) of the newest good checkpoint, or None for a fresh run."""
+    if ckpt.latest_step() is None:
+        return None
+    template = {"state": template_state, "teacher": template_teacher,
+                "rng": jax.random.key_data(jax.random.key(0))}
+    tree, meta = ckpt.restore(template)
+    if meta.get("fingerprint") != config_fingerprint(run.config.to_dict()):
+        raise ValueError(
+            f"{run.workdir} holds a run of a different config: use another --workdir, or the "
+            f"same config to resume it.")
+    state, teacher = jax.device_put((tree["state"], tree["teacher"]), run.replicated)
+    return state, teacher, jax.random.wrap_key_data(jnp.asarray(tree["rng"])), meta
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Trainer:
+    """The mutable parts of a run in progress, threaded through the experience loop."""
+
+    run: Run
+    ckpt: Checkpointer
+    logger: MetricLogger
+    state: TrainState
+    teacher: Any
+    rng: jax.Array
+
+    def step_fn(self, with_replay: bool):
+        """The compiled step: plain (first experience) or with the strategy's replay half."""
+        run, t = self.run, self.run.config.train
+        # The plain step is the same for every strategy: share its compilation.
+        strategy = run.strategy if with_replay else StrategyConfig(strategies.NAIVE)
+        return _compiled_step(run.unet_config, tuple(run.config.diffusion.items()), strategy,
+                              OptimConfig(learning_rate=t.learning_rate, grad_clip=t.grad_clip),
+                              t.criterion, with_replay, run.sharding.mesh,
+                              t.mode == "iid_distill")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
+                   distill_only):
+    """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
+    return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=_schedule(diffusion),
+                           strategy=strategy, optimizer=make_optimizer(optim),
+                           criterion=criterion, with_replay=with_replay, mesh=mesh,
+                           distill_only=distill_only)
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(diffusion: tuple):
+    d = dict(diffusion)
+    return make_schedule(d["beta_schedule"], num_train_timesteps=d["num_train_timesteps"],
+                         beta_start=d["beta_start"], beta_end=d["beta_end"],
+                         rescale_zero_snr=d["rescale_zero_snr"])
+
+
+def _uses_replay(run: Run, k: int) -> bool:
+    if run.config.train.mode == "iid_distill":
+        return True
+    return k > 0 and run.strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE)
+
+
+def _check_finite(metrics: dict, k: int, step: int, global_step: int) -> bool:
+    """True if finite; raises NonFiniteLossError unless train.on_nan == 'skip' (caller's)."""
+    bad = [name for name, v in metrics.items() if not np.isfinite(v)]
+    if not bad:
+        return True
+    raise NonFiniteLossError(
+        f"non-finite {', '.join(bad)} at experience {k}, step {step} (global step {global_step}); "
+        f"the last good checkpoint is kept. Lower train.learning_rate or check the data.")
+
+
+def train_experience(tr: Trainer, k: int, start: int) -> None:
+    """Steps start..end of experience k, with logging and periodic checkpoints."""
+    run, t = tr.run, tr.run.config.train
+    data, total = experience_data(run, k), num_steps(run, k)
+    with_replay = _uses_replay(run, k)
+    step_fn = tr.step_fn(with_replay)
+    buffer = er_buffer(run, k) if run.strategy.name == strategies.ER and with_replay else None
+    rows = run.strategy.replay_size or t.batch_size
+    batches = gdata.batch_iterator(data.images, data.labels, batch_size=t.batch_size,
+                                   seed=run.config.seed, experience=k, start_step=start,
+                                   num_steps=total, flip=run.config.data.flip,
+                                   sharding=run.sharding, prefetch=run.config.data.prefetch)
+    progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
+    with batches:
+        for s in range(start, total):
+            batch = {"image": next(batches)["image"]}
+            if buffer is not None:
+                batch["memory"] = jax.device_put(memory_batch(run, buffer, k, s, rows), run.sharding)
+            new_state, metrics = step_fn(tr.state, tr.teacher, batch, tr.rng)
+            tr.state = new_state
+            if (s + 1) % t.log_every == 0 or s + 1 == total:
+                values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+                _check_finite(values, k, s, int(tr.state.step))
+                tr.logger.write("train", int(tr.state.step), {"experience": k, **values})
+                progress.update(min(t.log_every, s + 1 - start), loss=values["loss"])
+            if (s + 1) % t.checkpoint_every == 0 and s + 1 < total:
+                save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k, step=s + 1)
+    progress.close()
+
+
+def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
+    """Sample grid, evaluation, and the boundary checkpoint (which resumes at k + 1)."""
+    run = tr.run
+    params = tr.state.params
+    e = run.config.eval
+    images = generate.generate(run.apply_fn, params, run.schedule,
+                               jax.random.fold_in(jax.random.key(run.config.seed), 10_000 + k),
+                               num=e.grid_samples, image_shape=run.image_shape,
+                               num_steps=e.steps, eta=e.eta, batch_size=e.grid_samples)
+    save_image_grid(images, os.path.join(run.workdir, "samples", f"experience_{k}.png"),
+                    upscale=max(1, 64 // run.image_shape[0]))
+    row = {"experience": k, "classes_seen": len(gdata.seen_classes(run.experiences, k))}
+    if eval_hook is not None:
+        row.update(eval_hook(run, k, params))
+    tr.logger.write("experience", int(tr.state.step), row)
+    tr.logger.flush()
+    save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k + 1, step=0)
+    tr.ckpt.wait()
+
+
+def train(config, workdir: str, *, eval_hook: EvalHook | None = None) -> TrainState:
+    """Runs (or resumes) the whole experience sequence in `workdir`; returns the final state."""
+    run = build(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
+    state, teacher = initial_state(run)
+    rng = jax.random.key(config.seed)
+    restored = restore(ckpt, run, state, teacher)
+    k, start = 0, 0
+    if restored is not None:
+        state, teacher, rng, meta = restored
+        k, start = meta["experience"], meta["step_in_experience"]
+        log.info("resuming %s at experience %d, step %d", workdir, k, start)
+    else:
+        _write_config(workdir, config)
+    logger = MetricLogger(workdir, resume_step=int(state.step) if restored else None,
+                          tensorboard=config.log.tensorboard, wandb=config.log.wandb,
+                          config=config.to_dict())
+    tr = Trainer(run, ckpt, logger, state, teacher, rng)
+    try:
+        for k in range(k, len(run.experiences)):
+            if start == 0 and k > 0 and config.train.mode == "continual":
+                # Freeze the model as it ended experience k - 1, in buffers of its own
+                # (the state's are donated to the next step).
+                tr.teacher = jax.tree.map(jnp.copy, tr.state.params)
+            tr.state = tr.state._replace(experience=jnp.int32(k))
+            train_experience(tr, k, start)
+            end_experience(tr, k, eval_hook)
+            start = 0
+    finally:
+        ckpt.close()
+        logger.close()
+    return tr.state
+
+
+def _write_config(workdir: str, config) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)

@@ -1,0 +1,39 @@
+"""Train a diffusion model over a sequence of experiences.
+
+    python -m launch.train                      # split_digits, generative distillation, ./runs/
+    python -m launch.train --config=configs/split_fmnist.py:generative_distillation \
+        --config.strategy.teacher_steps=10 --workdir=runs/fmnist_gd
+
+Restarting with the same --workdir resumes the run from its last checkpoint.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gdjax import continual
+from gdjax.eval import hooks
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file[:variant].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
+                    "(default: runs/<config>_<variant>_seed<seed>).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+
+
+def main(argv):
+    del argv
+    if flags.FLAGS.distributed:
+        import jax
+        jax.distributed.initialize()
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or os.path.join(
+        "runs", f"{config.data.name}_{config.strategy.name}_seed{config.seed}")
+    logging.info("workdir: %s", workdir)
+    continual.train(config, workdir, eval_hook=hooks.default_eval_hook(config))
+
+
+if __name__ == "__main__":
+    app.run(main)
