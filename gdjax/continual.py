@@ -25,6 +25,7 @@ from gdjax import data as gdata
 from gdjax import generate, strategies, unet
 from gdjax.checkpoint import Checkpointer, config_fingerprint
 from gdjax.config import validate_config
+from gdjax.convert import restore_params, save_params
 from gdjax.grid import save_image_grid
 from gdjax.logs import MetricLogger, Progress
 from gdjax.schedule import make_schedule
@@ -167,15 +168,13 @@ def initial_state(run: Run) -> tuple[TrainState, Any]:
 
 
 def load_teacher(run: Run):
-    from gdjax.convert import restore_params  # Orbax params written by launch/convert.py
-
     teacher_dir = run.config.train.teacher_dir
     if not teacher_dir or not os.path.isdir(teacher_dir):
         raise FileNotFoundError(
             f"train.teacher_dir={teacher_dir!r} is not a directory: iid_distill needs a trained "
             f"teacher saved with `python -m launch.convert` or a finished gdjax run's params.")
     teacher_config, params = restore_params(teacher_dir)
-    if teacher_config != run.unet_config:
+    if dataclasses.replace(teacher_config, dtype=run.unet_config.dtype) != run.unet_config:
         raise ValueError(f"the teacher in {teacher_dir} has UNet config {teacher_config}, but "
                          f"model.name={run.config.model.name!r} is {run.unet_config}.")
     return params
@@ -274,6 +273,7 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                                    num_steps=total, flip=run.config.data.flip,
                                    sharding=run.sharding, prefetch=run.config.data.prefetch)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
+    reported = start
     with batches:
         for s in range(start, total):
             batch = {"image": next(batches)["image"]}
@@ -285,7 +285,8 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                 values = {name: float(v) for name, v in jax.device_get(metrics).items()}
                 _check_finite(values, k, s, int(tr.state.step))
                 tr.logger.write("train", int(tr.state.step), {"experience": k, **values})
-                progress.update(min(t.log_every, s + 1 - start), loss=values["loss"])
+                progress.update(s + 1 - reported, loss=values["loss"])
+                reported = s + 1
             if (s + 1) % t.checkpoint_every == 0 and s + 1 < total:
                 save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k, step=s + 1)
     progress.close()
@@ -343,6 +344,9 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None) -> TrainSt
     finally:
         ckpt.close()
         logger.close()
+    # The final model on its own, in the format launch/convert.py writes: a teacher for
+    # train.mode="iid_distill" or for evaluation.
+    save_params(os.path.join(workdir, "final_params"), tr.state.params, run.unet_config)
     return tr.state
 
 

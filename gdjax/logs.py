@@ -338,8 +338,9 @@ class Progress:
         """Advances by `n` and remembers `postfix` (shown as `name value` on the line)."""
         self.n += n
         self._postfix.update(postfix)
-        if self._clock() - self._last_time >= self.every_seconds:
-            self._print(final=False)
+        finished = self.total is not None and self.n >= self.total
+        if not finished and self._clock() - self._last_time >= self.every_seconds:
+            self._print(final=False)  # a finished loop gets its line from close()
 
     def close(self) -> None:
         """Prints the final line (idempotent)."""

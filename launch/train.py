@@ -25,6 +25,9 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint step at INFO; progress lines go to stderr anyway.
+        logging.set_verbosity(logging.WARNING)
     if flags.FLAGS.distributed:
         import jax
         jax.distributed.initialize()

@@ -115,3 +115,44 @@ def test_bad_class_order_and_unknown_variant(tmp_path):
         continual.train(c, str(tmp_path))
     with pytest.raises(ValueError, match="variant"):
         split_digits.get_config("distil")
+
+
+def test_iid_training_then_distillation_into_a_fresh_student(tmp_path):
+    teacher_run = str(tmp_path / "iid")
+    c = tiny_config("naive", mode="iid")
+    state = continual.train(c, teacher_run)
+    assert int(state.step) == 4  # one experience holding every class
+    assert read_metrics(teacher_run, "experience")[0]["classes_seen"] == 10
+
+    c = tiny_config("gaussian_distillation", mode="iid_distill",
+                    teacher_dir=os.path.join(teacher_run, "final_params"))
+    student = continual.train(c, str(tmp_path / "distill"))
+    rows = read_metrics(str(tmp_path / "distill"), "train")
+    assert all(r["data_loss"] == 0 and r["replay_loss"] > 0 for r in rows)
+    assert rows[0]["loss"] == rows[0]["replay_loss"]
+    moved = [float(np.abs(a - b).max()) for a, b in zip(leaves(student.params), leaves(state.params))]
+    assert max(moved) > 0
+
+    c.train.teacher_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="teacher_dir"):
+        continual.train(c, str(tmp_path / "distill2"))
+
+
+@pytest.mark.parametrize("module", ["split_digits", "split_fmnist", "split_mnist", "split_cifar10"])
+def test_every_config_variant_is_valid(module):
+    import importlib
+    from configs import base
+    from gdjax.config import validate_config
+    get_config = importlib.import_module(f"configs.{module}").get_config
+    for variant, strategy in base.VARIANTS.items():
+        c = get_config(variant)
+        assert c.strategy.name == strategy
+        validate_config(c)
+
+
+def test_missing_data_directory_is_named(tmp_path):
+    from configs import split_fmnist
+    c = split_fmnist.get_config("naive")
+    c.data.data_dir = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="absent"):
+        continual.train(c, str(tmp_path / "run"))
