@@ -9,11 +9,15 @@ Restarting with the same --workdir resumes the run from its last checkpoint.
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from gdjax import xla_flags
 
-from gdjax import continual
-from gdjax.eval import hooks
+xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from gdjax import continual  # noqa: E402
+from gdjax.eval import hooks  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file[:variant].",
