@@ -70,6 +70,7 @@ def get_config() -> ConfigDict:
         checkpoint_every=1000,
         max_to_keep=2,
         teacher_dir="",         # iid_distill: an Orbax params directory (launch/convert.py)
+        on_nan="stop",          # stop: raise at the bad step | skip: drop non-finite updates
     ))
     c.eval = ConfigDict(dict(
         steps=10,

@@ -12,6 +12,7 @@ MODES = ("continual", "iid", "iid_distill")
 IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
                           strategies.PARTIAL_GENERATION)
 DTYPES = ("float32", "bfloat16")
+ON_NAN = ("stop", "skip")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -36,6 +37,7 @@ def validate_config(config) -> None:
     _require(t.mode in MODES, f"train.mode={t.mode!r} is unknown; use one of {MODES}.")
     _require(t.criterion in losses.CRITERIA,
              f"train.criterion={t.criterion!r} is unknown; use one of {losses.CRITERIA}.")
+    _require(t.on_nan in ON_NAN, f"train.on_nan={t.on_nan!r} is unknown; use one of {ON_NAN}.")
     if t.mode == "iid_distill":
         _require(s.name in IID_DISTILL_STRATEGIES,
                  f"train.mode='iid_distill' distils with strategy.name in "

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -196,8 +197,8 @@ def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher):
     tree, meta = ckpt.restore(template)
     if meta.get("fingerprint") != config_fingerprint(run.config.to_dict()):
         raise ValueError(
-            f"{run.workdir} holds a run of a different config: use another --workdir, or the "
-            f"same config to resume it.")
+            f"{run.workdir} holds a run of a different config: use another --workdir, the "
+            f"same config to resume it, or --overwrite to start over.")
     state, teacher = jax.device_put((tree["state"], tree["teacher"]), run.replicated)
     return state, teacher, jax.random.wrap_key_data(jnp.asarray(tree["rng"])), meta
 
@@ -223,17 +224,17 @@ class Trainer:
         return _compiled_step(run.unet_config, tuple(run.config.diffusion.items()), strategy,
                               OptimConfig(learning_rate=t.learning_rate, grad_clip=t.grad_clip),
                               t.criterion, with_replay, run.sharding.mesh,
-                              t.mode == "iid_distill")
+                              t.mode == "iid_distill", t.on_nan)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
-                   distill_only):
+                   distill_only, on_nan="stop"):
     """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
     return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=_schedule(diffusion),
                            strategy=strategy, optimizer=make_optimizer(optim),
                            criterion=criterion, with_replay=with_replay, mesh=mesh,
-                           distill_only=distill_only)
+                           distill_only=distill_only, on_nan=on_nan)
 
 
 @functools.lru_cache(maxsize=8)
@@ -250,11 +251,11 @@ def _uses_replay(run: Run, k: int) -> bool:
     return k > 0 and run.strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE)
 
 
-def _check_finite(metrics: dict, k: int, step: int, global_step: int) -> bool:
-    """True if finite; raises NonFiniteLossError unless train.on_nan == 'skip' (caller's)."""
+def _check_finite(metrics: dict, k: int, step: int, global_step: int) -> None:
+    """Raises NonFiniteLossError if a metric is NaN or inf (train.on_nan="stop")."""
     bad = [name for name, v in metrics.items() if not np.isfinite(v)]
     if not bad:
-        return True
+        return
     raise NonFiniteLossError(
         f"non-finite {', '.join(bad)} at experience {k}, step {step} (global step {global_step}); "
         f"the last good checkpoint is kept. Lower train.learning_rate or check the data.")
@@ -273,23 +274,36 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                                    num_steps=total, flip=run.config.data.flip,
                                    sharding=run.sharding, prefetch=run.config.data.prefetch)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
-    reported = start
+    reported, skipped = start, jnp.int32(0)
     with batches:
         for s in range(start, total):
             batch = {"image": next(batches)["image"]}
             if buffer is not None:
                 batch["memory"] = jax.device_put(memory_batch(run, buffer, k, s, rows), run.sharding)
-            new_state, metrics = step_fn(tr.state, tr.teacher, batch, tr.rng)
-            tr.state = new_state
-            if (s + 1) % t.log_every == 0 or s + 1 == total:
-                values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            tr.state, metrics = step_fn(tr.state, tr.teacher, batch, tr.rng)
+            if t.on_nan == "skip":
+                skipped = skipped + metrics.pop("skipped")  # stays on device until logged
+            logs, saves = (s + 1) % t.log_every == 0 or s + 1 == total, _saves_at(t, s, total)
+            if not (logs or saves):
+                continue
+            values = {name: float(v) for name, v in jax.device_get(metrics).items()}
+            if t.on_nan == "stop":
+                # Also before a checkpoint: a NaN between logging steps must never be saved.
                 _check_finite(values, k, s, int(tr.state.step))
+            if logs:
+                if t.on_nan == "skip":
+                    values["skipped"], skipped = int(skipped), jnp.int32(0)
                 tr.logger.write("train", int(tr.state.step), {"experience": k, **values})
                 progress.update(s + 1 - reported, loss=values["loss"])
                 reported = s + 1
-            if (s + 1) % t.checkpoint_every == 0 and s + 1 < total:
+            if saves:
                 save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k, step=s + 1)
     progress.close()
+
+
+def _saves_at(t, s: int, total: int) -> bool:
+    """Whether step s (0-based) ends with a mid-experience checkpoint."""
+    return (s + 1) % t.checkpoint_every == 0 and s + 1 < total
 
 
 def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
@@ -312,9 +326,16 @@ def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
     tr.ckpt.wait()
 
 
-def train(config, workdir: str, *, eval_hook: EvalHook | None = None) -> TrainState:
-    """Runs (or resumes) the whole experience sequence in `workdir`; returns the final state."""
+def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
+          overwrite: bool = False) -> TrainState:
+    """Runs (or resumes) the whole experience sequence in `workdir`; returns the final state.
+
+    `overwrite` first deletes what an earlier run left in `workdir` (checkpoints, metrics,
+    samples, final params), so a workdir of another config can be reused.
+    """
     run = build(config, workdir)
+    if overwrite:
+        wipe_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
     state, teacher = initial_state(run)
@@ -325,9 +346,8 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None) -> TrainSt
         state, teacher, rng, meta = restored
         k, start = meta["experience"], meta["step_in_experience"]
         log.info("resuming %s at experience %d, step %d", workdir, k, start)
-    else:
-        _write_config(workdir, config)
-    logger = MetricLogger(workdir, resume_step=int(state.step) if restored else None,
+    resume_step = _resume_step(run, restored, state)
+    logger = MetricLogger(workdir, resume_step=resume_step,
                           tensorboard=config.log.tensorboard, wandb=config.log.wandb,
                           config=config.to_dict())
     tr = Trainer(run, ckpt, logger, state, teacher, rng)
@@ -350,6 +370,50 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None) -> TrainSt
     return tr.state
 
 
+# What a run writes into its workdir; `overwrite` deletes exactly these.
+RUN_OUTPUTS = ("checkpoints", "metrics", "samples", "tensorboard", "final_params", "config.json",
+               "wandb_run_id")
+
+
+def wipe_workdir(workdir: str) -> None:
+    """Deletes a run's outputs from `workdir` (other files stay)."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _resume_step(run: Run, restored, state) -> int | None:
+    """The MetricLogger's resume_step: the checkpoint's step; -1 for a run of this config
+    killed before its first checkpoint (its rows are dropped); None for a fresh workdir.
+
+    config.json is written first of all, so its presence marks a started run.
+    """
+    if restored is not None:
+        return int(state.step)
+    path = os.path.join(run.workdir, "config.json")
+    if not os.path.exists(path):
+        _write_config(run.workdir, run.config)
+        return None
+    with open(path) as f:
+        written = json.load(f)
+    if config_fingerprint(written) != config_fingerprint(_json_config(run.config)):
+        raise ValueError(
+            f"{run.workdir} holds a run of a different config (see its config.json): use "
+            f"another --workdir, the same config to resume it, or --overwrite to start over.")
+    return -1
+
+
+def _json_config(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def _write_config(workdir: str, config) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
+    # Atomic: a kill mid-write must not leave a torn config.json that blocks the restart.
+    path = os.path.join(workdir, "config.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_config(config), f, indent=2)
+    os.replace(tmp, path)

@@ -81,11 +81,20 @@ def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t
     return loss, (data_loss, replay_loss)
 
 
+def _keep_if_bad(ok, new, old):
+    """`new` where `ok`, else `old`, leaf by leaf (a select: no host round trip)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
                     optimizer: optax.GradientTransformation, criterion: str = "mse",
                     with_replay: bool = True, mesh: Mesh | None = None,
-                    distill_only: bool = False):
+                    distill_only: bool = False, on_nan: str = "stop"):
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
+
+    `on_nan="skip"` keeps the old params and optimizer state when the loss or the gradient
+    norm is not finite, and adds metric "skipped" (1 for a dropped update, else 0);
+    "stop" applies every update and leaves the check to the caller.
 
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
@@ -94,6 +103,8 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     `rng` is one fixed key per run; the step folds in `state.step`, so a resumed run draws
     the same numbers. The train state is donated.
     """
+    if on_nan not in ("stop", "skip"):
+        raise ValueError(f"train.on_nan={on_nan!r} is unknown; use 'stop' or 'skip'.")
     if criterion not in losses.CRITERIA:
         raise ValueError(f"train.criterion={criterion!r} is unknown; use one of {losses.CRITERIA}.")
     strategy.validate(schedule.num_train_timesteps)
@@ -125,8 +136,14 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
         (loss, (data_loss, replay_loss)), grads = grad_fn(state.params, *args)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
-                   "grad_norm": optax.tree.norm(grads)}
+                   "grad_norm": grad_norm}
+        if on_nan == "skip":
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = _keep_if_bad(ok, (params, opt_state),
+                                             (state.params, state.opt_state))
+            metrics["skipped"] = (~ok).astype(jnp.int32)
         return TrainState(state.step + 1, state.experience, params, opt_state), metrics
 
     if mesh is None:

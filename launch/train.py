@@ -4,7 +4,8 @@
     python -m launch.train --config=configs/split_fmnist.py:generative_distillation \
         --config.strategy.teacher_steps=10 --workdir=runs/fmnist_gd
 
-Restarting with the same --workdir resumes the run from its last checkpoint.
+Restarting with the same --workdir resumes the run from its last checkpoint; --overwrite
+starts it over (a workdir of another config is refused without it).
 """
 
 import os
@@ -24,6 +25,8 @@ config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file[:var
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
                     "(default: runs/<config>_<variant>_seed<seed>).")
+flags.DEFINE_bool("overwrite", False, "Delete the workdir's checkpoints, metrics and samples "
+                  "first (needed to reuse a workdir of another config).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
 
@@ -39,7 +42,8 @@ def main(argv):
     workdir = flags.FLAGS.workdir or os.path.join(
         "runs", f"{config.data.name}_{config.strategy.name}_seed{config.seed}")
     logging.info("workdir: %s", workdir)
-    continual.train(config, workdir, eval_hook=hooks.default_eval_hook(config))
+    continual.train(config, workdir, eval_hook=hooks.default_eval_hook(config),
+                    overwrite=flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":
