@@ -357,7 +357,10 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
                 # Freeze the model as it ended experience k - 1, in buffers of its own
                 # (the state's are donated to the next step).
                 tr.teacher = jax.tree.map(jnp.copy, tr.state.params)
-            tr.state = tr.state._replace(experience=jnp.int32(k))
+            # Placed like the step's output: an uncommitted scalar here made the second
+            # step of every experience compile the step again.
+            tr.state = tr.state._replace(
+                experience=jax.device_put(jnp.int32(k), run.replicated))
             train_experience(tr, k, start)
             end_experience(tr, k, eval_hook)
             start = 0
