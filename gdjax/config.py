@@ -6,6 +6,8 @@ there; this module checks the values and their combinations, and names the fix.
 
 from __future__ import annotations
 
+import math
+
 from gdjax import losses, strategies
 
 MODES = ("continual", "iid", "iid_distill")
@@ -25,6 +27,16 @@ def _positive(section, names: tuple, prefix: str) -> None:
         value = section[name]
         _require(isinstance(value, int) and value > 0,
                  f"{prefix}.{name}={value!r} must be a positive integer.")
+
+
+def _finite(section, names: tuple, prefix: str, *, low: float | None = None) -> None:
+    """Real numbers that are not NaN or inf (and >= low when given)."""
+    for name in names:
+        value = section[name]
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        _require(ok and (low is None or value >= low),
+                 f"{prefix}.{name}={value!r} must be a finite number"
+                 + (f" >= {low}." if low is not None else "."))
 
 
 def validate_config(config) -> None:
@@ -53,7 +65,12 @@ def validate_config(config) -> None:
     _positive(e, ("steps", "num_samples", "batch_size", "grid_samples"), "eval")
     _require(t.steps_per_experience > 0 or t.epochs_per_experience > 0,
              "set train.steps_per_experience or train.epochs_per_experience to a positive value.")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**31,
+             f"seed={config.seed!r} must be an integer in 0..2**31 - 1.")
+    _finite(t, ("learning_rate", "grad_clip"), "train")  # grad_clip <= 0: no clipping
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
+    _finite(e, ("eta",), "eval", low=0.0)
+    _finite(s, ("lambd", "teacher_eta"), "strategy", low=0.0)
     _require(1 <= e.steps <= config.diffusion.num_train_timesteps,
              f"eval.steps={e.steps} must be in 1..{config.diffusion.num_train_timesteps}.")
     _require(s.er_buffer_size > 0, f"strategy.er_buffer_size={s.er_buffer_size} must be > 0.")
