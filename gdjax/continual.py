@@ -200,7 +200,9 @@ def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher):
             f"{run.workdir} holds a run of a different config: use another --workdir, the "
             f"same config to resume it, or --overwrite to start over.")
     state, teacher = jax.device_put((tree["state"], tree["teacher"]), run.replicated)
-    return state, teacher, jax.random.wrap_key_data(jnp.asarray(tree["rng"])), meta
+    # From the host, uncommitted like a fresh run's key: a committed key made the first
+    # step after every resume compile again.
+    return state, teacher, jax.random.wrap_key_data(np.asarray(tree["rng"])), meta
 
 
 # ----------------------------------------------------------------------------- the loop
