@@ -139,3 +139,14 @@ def test_time_calls_times_each_call_after_warmup():
     calls = []
     times, warm = benchmark.time_calls(lambda: calls.append(1), iters=3, warmup=2)
     assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times) and warm >= 0
+
+
+def test_peak_rss_sees_a_large_allocation_and_resets():
+    benchmark.reset_peak_rss()
+    base = benchmark.max_rss_bytes()
+    big = np.ones(32 * 2**20 // 8)  # 32 MiB, written, hence resident
+    peak = benchmark.max_rss_bytes()
+    del big
+    assert peak >= base + 30 * 2**20
+    benchmark.reset_peak_rss()
+    assert benchmark.max_rss_bytes() < peak
