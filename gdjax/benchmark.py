@@ -387,8 +387,12 @@ def hardware() -> dict:
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind,
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "machine": platform.machine(), "processor": platform.processor()}
+
+
+def load_average() -> list | None:
+    """1, 5 and 15 minute load averages: CPU timings mean little above ~the core count."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def versions() -> dict:
@@ -448,6 +452,7 @@ def format_table(summary: list[dict]) -> str:
 
 def run(cfg: BenchConfig, *, argv=None) -> dict:
     """Runs the study; returns the JSON-ready result (raw timings, summary, table, context)."""
+    load_start = load_average()
     fwd = forward_flops(unet.get_unet_config(cfg.model, dtype=cfg.dtype))
     timings = jax_rows(cfg, fwd)
     if cfg.torch:
@@ -460,7 +465,8 @@ def run(cfg: BenchConfig, *, argv=None) -> dict:
     summary = summarize(timings, peaks)
     return {"config": dataclasses.asdict(cfg), "command": " ".join(argv or sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "hardware": hw, "versions": versions(),
+            "hardware": hw, "load_average_start": load_start,
+            "load_average_end": load_average(), "versions": versions(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "forward_flops_per_image": fwd, "peak_tflops": peaks,
             "timings": [dataclasses.asdict(t) for t in timings], "summary": summary,

@@ -45,6 +45,8 @@ def main(argv):
         torch_threads=FLAGS.threads, rows=tuple(_ROW_KEYS[r] for r in FLAGS.rows))
     result = benchmark.run(cfg)
     print(result["table"])
+    print(f"load average (1, 5, 15 min): start {result['load_average_start']}, "
+          f"end {result['load_average_end']}")
     if FLAGS.json:
         benchmark.write_json(result, FLAGS.json)
 

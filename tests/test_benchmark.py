@@ -55,6 +55,7 @@ def test_json_is_written_and_reloads(result, tmp_path):
     assert back["command"] == "test_benchmark" and back["date"]
     assert back["versions"]["jax"] == jax.__version__ and back["versions"]["torch"]
     assert back["hardware"]["cpu_count"] >= 1 and back["hardware"]["platform"] == "cpu"
+    assert len(back["load_average_start"]) == len(back["load_average_end"]) == 3
     assert "xla_flags" in back and len(back["timings"]) == 2 * len(benchmark.ROWS)
 
 
