@@ -155,6 +155,7 @@ def _kill_at_train_step(monkeypatch, step):
 
 
 @_ignore_closed_loop
+@pytest.mark.filterwarnings("ignore:deleting unusable checkpoint:UserWarning")  # expected
 def test_truncated_newest_checkpoint_is_skipped_and_the_run_still_ends_equal(
         tmp_path, monkeypatch, reference):
     workdir = str(tmp_path / "run")
@@ -280,6 +281,20 @@ def test_nan_skip_drops_only_the_bad_update(tmp_path, monkeypatch):
     assert np.isfinite(rows[1]["loss"]) and rows[1]["step"] == 4
     assert all(np.isfinite(x).all() for x in leaves(state.params))
     assert int(state.step) == 8
+
+
+def test_skipped_update_leaves_params_and_optimizer_state_bitwise_unchanged(tmp_path):
+    run = continual.build(tiny_config(on_nan="skip"), str(tmp_path))
+    state, teacher = continual.initial_state(run)
+    step = continual.Trainer(run, None, None, None, None, None).step_fn(False)
+    image = np.full((8, 16, 16, 1), np.nan, np.float32)
+    before = leaves((state.params, state.opt_state))  # host copies: the state is donated
+    new, metrics = step(state, teacher, {"image": jax.device_put(image, run.sharding)},
+                        jax.random.key(0))
+    assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    for a, b in zip(before, leaves((new.params, new.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    assert int(new.step) == 1
 
 
 def test_on_nan_is_validated():
