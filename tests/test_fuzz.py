@@ -230,10 +230,8 @@ def test_fuzzed_cifar_tarballs_fail_cleanly(cut, flip):
         expect_clean(sources.read_cifar10, root, "test")
 
 
-@pytest.mark.xfail(strict=True, raises=LookupError,
-                   reason="found by fuzzing: gdjax/data/sources.py lets a batch name an unknown "
-                          "codec through the allowed _codecs.encode and does not catch LookupError")
 def test_cifar_batch_naming_an_unknown_codec_is_a_clean_error(tmp_path):
+    """Found by fuzzing: the allowed _codecs.encode let a batch name an unknown codec."""
     data = _GOOD_BATCH.replace(b"latin1", b"\x01atin1")
     assert data != _GOOD_BATCH
     folder = tmp_path / "cifar-10-batches-py"
