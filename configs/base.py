@@ -78,6 +78,17 @@ def get_config() -> ConfigDict:
         num_samples=10000,
         batch_size=500,
         grid_samples=100,
+        save_experience_params=True,  # experience_params/experience_<k>, for launch/evaluate
+    ))
+    # The classifier trained beside the generator (REFERENCE §6), continual mode only.
+    c.solver = ConfigDict(dict(
+        enabled=True,
+        strategy="auto",        # auto (follows the generator) | naive | cumulative | generative_replay
+        epochs=20,
+        batch_size=128,
+        learning_rate=1e-3,
+        temperature=2.0,
+        replay_size=0,          # 0: the batch size; replay images come from eval.steps DDIM steps
     ))
     c.log = ConfigDict(dict(
         tensorboard=True,

@@ -22,4 +22,7 @@ def get_config(variant: str = "generative_distillation"):
     c.train.checkpoint_every = 200
     c.eval.num_samples = 1000
     c.eval.batch_size = 500
+    # ~290 images per experience: 10 epochs of 64 (40 steps, each replaying 64 images).
+    c.solver.epochs = 10
+    c.solver.batch_size = 64
     return base.with_variant(c, variant)

@@ -41,7 +41,7 @@ def _finite(section, names: tuple, prefix: str, *, low: float | None = None) -> 
 
 def validate_config(config) -> None:
     """Raises ValueError naming the first bad key, its value and what would be valid."""
-    for section in ("data", "model", "diffusion", "strategy", "train", "eval", "log"):
+    for section in ("data", "model", "diffusion", "strategy", "train", "eval", "solver", "log"):
         _require(section in config, f"the config has no '{section}' section: start from "
                                     f"configs/base.py get_config().")
     s, t, e, d = config.strategy, config.train, config.eval, config.data
@@ -74,7 +74,23 @@ def validate_config(config) -> None:
     _require(1 <= e.steps <= config.diffusion.num_train_timesteps,
              f"eval.steps={e.steps} must be in 1..{config.diffusion.num_train_timesteps}.")
     _require(s.er_buffer_size > 0, f"strategy.er_buffer_size={s.er_buffer_size} must be > 0.")
+    _validate_solver(config.solver)
     strategies.StrategyConfig(
         name=s.name, lambd=s.lambd, replay_start_timestep=s.replay_start_timestep,
         teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
         replay_size=s.replay_size).validate(config.diffusion.num_train_timesteps)
+
+
+SOLVER_STRATEGIES = ("auto", "naive", "cumulative", "generative_replay")
+
+
+def _validate_solver(v) -> None:
+    _require(v.strategy in SOLVER_STRATEGIES,
+             f"solver.strategy={v.strategy!r} is unknown; use one of {SOLVER_STRATEGIES}.")
+    _positive(v, ("epochs", "batch_size"), "solver")
+    _finite(v, ("learning_rate", "temperature"), "solver")
+    _require(v.learning_rate > 0 and v.temperature > 0,
+             f"solver.learning_rate={v.learning_rate} and solver.temperature={v.temperature} "
+             f"must be > 0.")
+    _require(isinstance(v.replay_size, int) and v.replay_size >= 0,
+             f"solver.replay_size={v.replay_size!r} must be an integer >= 0 (0: batch size).")

@@ -27,8 +27,10 @@ from gdjax import generate, strategies, unet
 from gdjax.checkpoint import Checkpointer, config_fingerprint
 from gdjax.config import validate_config
 from gdjax.convert import restore_params, save_params
+from gdjax.eval import metrics as eval_metrics
+from gdjax.eval import solver as solver_lib
 from gdjax.grid import save_image_grid
-from gdjax.logs import MetricLogger, Progress
+from gdjax.logs import MetricLogger, Progress, read_metrics
 from gdjax.schedule import make_schedule
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, TrainState, init_state, make_optimizer, make_train_step
@@ -69,6 +71,7 @@ class Run:
     test: gdata.ImageSplit
     experiences: list
     sharding: NamedSharding  # the batch sharding; its mesh holds every device
+    solver: solver_lib.SolverConfig | None = None  # the classifier trained alongside
 
     @property
     def replicated(self) -> NamedSharding:
@@ -103,7 +106,29 @@ def build(config, workdir: str) -> Run:
                schedule=_schedule(tuple(config.diffusion.items())),
                strategy=strategy_config(config), optimizer=make_optimizer(OptimConfig(
                    learning_rate=t.learning_rate, grad_clip=t.grad_clip)),
-               train=train, test=test, experiences=experiences, sharding=sharding)
+               train=train, test=test, experiences=experiences, sharding=sharding,
+               solver=solver_config(config, num_classes=max(train.classes) + 1))
+
+
+# The solver's strategy under solver.strategy="auto": the classifier baselines follow the
+# generator's; every other generator strategy replays from its previous generator.
+AUTO_SOLVER = {strategies.NAIVE: "naive", strategies.CUMULATIVE: "cumulative"}
+
+
+def solver_config(config, num_classes: int) -> solver_lib.SolverConfig | None:
+    """The solver's settings, or None when it is off (and outside train.mode="continual")."""
+    s = config.solver
+    if not s.enabled or config.train.mode != "continual":
+        return None
+    strategy = s.strategy
+    if strategy == "auto":
+        strategy = AUTO_SOLVER.get(config.strategy.name, "generative_replay")
+    cfg = solver_lib.SolverConfig(
+        strategy=strategy, epochs=s.epochs, batch_size=s.batch_size,
+        learning_rate=s.learning_rate, temperature=s.temperature, gen_steps=config.eval.steps,
+        replay_size=s.replay_size, num_classes=num_classes)
+    cfg.validate()
+    return cfg
 
 
 def strategy_config(config) -> StrategyConfig:
@@ -168,6 +193,14 @@ def initial_state(run: Run) -> tuple[TrainState, Any]:
     return jax.device_put((state, teacher), run.replicated)
 
 
+def initial_solver(run: Run) -> solver_lib.SolverState | None:
+    """A fresh solver state (None when the run has no solver)."""
+    if run.solver is None:
+        return None
+    key = jax.random.fold_in(jax.random.key(run.config.seed), 40_000)
+    return solver_lib.init_state(run.solver, key, run.image_shape)
+
+
 def load_teacher(run: Run):
     teacher_dir = run.config.train.teacher_dir
     if not teacher_dir or not os.path.isdir(teacher_dir):
@@ -181,19 +214,28 @@ def load_teacher(run: Run):
     return params
 
 
-def save(ckpt: Checkpointer, run: Run, state, teacher, rng, *, experience: int, step: int) -> None:
+def _checkpoint_tree(state, teacher, rng, solver) -> dict:
+    tree = {"state": state, "teacher": teacher, "rng": jax.random.key_data(rng)}
+    if solver is not None:
+        tree["solver"] = solver
+    return tree
+
+
+def save(tr: "Trainer", *, experience: int, step: int) -> None:
+    """Checkpoints everything a resume needs, as the start of (experience, step)."""
     meta = {"experience": experience, "step_in_experience": step,
-            "fingerprint": config_fingerprint(run.config.to_dict())}
-    ckpt.save(int(state.step), {"state": state, "teacher": teacher,
-                                "rng": jax.random.key_data(rng)}, meta)
+            "fingerprint": config_fingerprint(tr.run.config.to_dict())}
+    tr.ckpt.save(int(tr.state.step), _checkpoint_tree(tr.state, tr.teacher, tr.rng, tr.solver),
+                 meta)
 
 
-def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher):
-    """(state, teacher, rng, meta) of the newest good checkpoint, or None for a fresh run."""
+def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher,
+            template_solver=None):
+    """(state, teacher, rng, solver, meta) of the newest good checkpoint, or None."""
     if ckpt.latest_step() is None:
         return None
-    template = {"state": template_state, "teacher": template_teacher,
-                "rng": jax.random.key_data(jax.random.key(0))}
+    template = _checkpoint_tree(template_state, template_teacher, jax.random.key(0),
+                                template_solver)
     tree, meta = ckpt.restore(template)
     if meta.get("fingerprint") != config_fingerprint(run.config.to_dict()):
         raise ValueError(
@@ -202,7 +244,8 @@ def restore(ckpt: Checkpointer, run: Run, template_state, template_teacher):
     state, teacher = jax.device_put((tree["state"], tree["teacher"]), run.replicated)
     # From the host, uncommitted like a fresh run's key: a committed key made the first
     # step after every resume compile again.
-    return state, teacher, jax.random.wrap_key_data(np.asarray(tree["rng"])), meta
+    return (state, teacher, jax.random.wrap_key_data(np.asarray(tree["rng"])),
+            tree.get("solver"), meta)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -217,6 +260,7 @@ class Trainer:
     state: TrainState
     teacher: Any
     rng: jax.Array
+    solver: solver_lib.SolverState | None = None
 
     def step_fn(self, with_replay: bool):
         """The compiled step: plain (first experience) or with the strategy's replay half."""
@@ -299,7 +343,7 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                 progress.update(s + 1 - reported, loss=values["loss"])
                 reported = s + 1
             if saves:
-                save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k, step=s + 1)
+                save(tr, experience=k, step=s + 1)
     progress.close()
 
 
@@ -319,13 +363,70 @@ def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
                                num_steps=e.steps, eta=e.eta, batch_size=e.grid_samples)
     save_image_grid(images, os.path.join(run.workdir, "samples", f"experience_{k}.png"),
                     upscale=max(1, 64 // run.image_shape[0]))
+    if e.save_experience_params:
+        # Before the row is logged: a run killed in between saves them again on resume.
+        save_params(experience_params_dir(run.workdir, k), params, run.unet_config)
     row = {"experience": k, "classes_seen": len(gdata.seen_classes(run.experiences, k))}
+    if tr.solver is not None:
+        row.update(solver_metrics(tr, k))
     if eval_hook is not None:
         row.update(eval_hook(run, k, params))
     tr.logger.write("experience", int(tr.state.step), row)
     tr.logger.flush()
-    save(tr.ckpt, run, tr.state, tr.teacher, tr.rng, experience=k + 1, step=0)
+    save(tr, experience=k + 1, step=0)
     tr.ckpt.wait()
+
+
+def experience_params_dir(workdir: str, k: int) -> str:
+    """Where the generator's params after experience k are kept (`eval.save_experience_params`)."""
+    return os.path.join(workdir, "experience_params", f"experience_{k}")
+
+
+# ----------------------------------------------------------------------------- the solver
+
+def solver_data(run: Run, k: int) -> gdata.ImageSplit:
+    """The solver's real images for experience k (every experience so far if cumulative)."""
+    if run.solver.strategy == "cumulative":
+        return run.train.select(gdata.seen_classes(run.experiences, k))
+    return run.train.select(run.experiences[k])
+
+
+def train_solver(tr: Trainer, k: int) -> solver_lib.SolverState:
+    """Freezes the previous solver, then trains the solver on experience k (before the
+    generator learns it); replay comes from the frozen previous generator `tr.teacher`."""
+    run, cfg = tr.run, tr.run.solver
+    state = tr.solver._replace(teacher=jax.tree.map(jnp.copy, tr.solver.params))
+    data = solver_data(run, k)
+    with_replay = cfg.strategy == "generative_replay" and k > 0
+    progress = Progress(cfg.epochs, f"solver {k + 1}/{len(run.experiences)} (epochs)")
+    state = solver_lib.train_experience(
+        cfg, state, images=data.images, labels=data.labels, experience=k,
+        seed=run.config.seed, with_replay=with_replay, gen_apply=run.apply_fn,
+        gen_params=tr.teacher, schedule=run.schedule, progress=progress)
+    progress.close()
+    return state
+
+
+def solver_metrics(tr: Trainer, k: int) -> dict[str, float]:
+    """The solver's test accuracy on experiences 0..k, per experience and overall, and its
+    forgetting (avalanche's: mean over j < k of acc_j right after learning j minus now)."""
+    run, cfg = tr.run, tr.run.solver
+    seen = run.test.select(gdata.seen_classes(run.experiences, k))
+    predictions = solver_lib.predict(tr.solver.params, seen.images, num_classes=cfg.num_classes)
+    out = {"classifier_accuracy": eval_metrics.accuracy(predictions, seen.labels)}
+    for j in range(k + 1):
+        mask = np.isin(seen.labels, run.experiences[j])
+        out[f"classifier_acc_exp_{j}"] = eval_metrics.accuracy(predictions[mask],
+                                                               seen.labels[mask])
+    # acc[i, j] from the rows of earlier experiences (exactly once across resumes).
+    acc = np.zeros((k + 1, k + 1))
+    for row in read_metrics(run.workdir, "experience"):
+        i = int(row["experience"])
+        if i < k:
+            acc[i, :i + 1] = [row[f"classifier_acc_exp_{j}"] for j in range(i + 1)]
+    acc[k] = [out[f"classifier_acc_exp_{j}"] for j in range(k + 1)]
+    out["classifier_forgetting"] = eval_metrics.forgetting(acc)
+    return out
 
 
 def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
@@ -341,24 +442,29 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
     state, teacher = initial_state(run)
+    solver = initial_solver(run)
     rng = jax.random.key(config.seed)
-    restored = restore(ckpt, run, state, teacher)
+    restored = restore(ckpt, run, state, teacher, solver)
     k, start = 0, 0
     if restored is not None:
-        state, teacher, rng, meta = restored
+        state, teacher, rng, solver, meta = restored
         k, start = meta["experience"], meta["step_in_experience"]
         log.info("resuming %s at experience %d, step %d", workdir, k, start)
     resume_step = _resume_step(run, restored, state)
     logger = MetricLogger(workdir, resume_step=resume_step,
                           tensorboard=config.log.tensorboard, wandb=config.log.wandb,
                           config=config.to_dict())
-    tr = Trainer(run, ckpt, logger, state, teacher, rng)
+    tr = Trainer(run, ckpt, logger, state, teacher, rng, solver)
     try:
         for k in range(k, len(run.experiences)):
             if start == 0 and k > 0 and config.train.mode == "continual":
                 # Freeze the model as it ended experience k - 1, in buffers of its own
                 # (the state's are donated to the next step).
                 tr.teacher = jax.tree.map(jnp.copy, tr.state.params)
+            if start == 0 and tr.solver is not None:
+                # The classifier learns experience k first (REFERENCE §6). A run killed
+                # before the next checkpoint redoes this deterministically.
+                tr.solver = train_solver(tr, k)
             # Placed like the step's output: an uncommitted scalar here made the second
             # step of every experience compile the step again.
             tr.state = tr.state._replace(
@@ -376,8 +482,8 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
 
 
 # What a run writes into its workdir; `overwrite` deletes exactly these.
-RUN_OUTPUTS = ("checkpoints", "metrics", "samples", "tensorboard", "final_params", "config.json",
-               "wandb_run_id")
+RUN_OUTPUTS = ("checkpoints", "metrics", "samples", "tensorboard", "final_params",
+               "experience_params", "config.json", "wandb_run_id")
 
 
 def wipe_workdir(workdir: str) -> None:

@@ -25,6 +25,8 @@ def tiny_config(strategy="full_generation_distillation", **train):
     c.eval.grid_samples = 4
     c.log.tensorboard = False
     c.strategy.er_buffer_size = 20
+    c.solver.epochs = 1
+    c.solver.batch_size = 32
     for key, value in train.items():
         setattr(c.train, key, value)
     return c

@@ -63,6 +63,7 @@ def _digits_command(workdir, data_dir, *extra):
             "--config.train.checkpoint_every=2", "--config.train.log_every=1",
             "--config.eval.steps=2", "--config.eval.num_samples=16",
             "--config.eval.batch_size=16", "--config.eval.grid_samples=4",
+            "--config.solver.epochs=1", "--config.solver.batch_size=32",
             "--config.log.tensorboard=False", f"--config.data.data_dir={data_dir}",
             f"--workdir={workdir}", *extra]
 
@@ -73,6 +74,13 @@ def _last_train_step(workdir):
     except ValueError:  # caught mid-rewrite: look again next poll
         return 0
     return rows[-1]["step"] if rows else 0
+
+
+def _experience_rows(workdir):
+    try:
+        return len(read_metrics(workdir, "experience"))
+    except (ValueError, FileNotFoundError):
+        return 0
 
 
 def _run_and_kill(command, env, log, moment, delay, timeout=120.0):
@@ -118,6 +126,7 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
          lambda: glob.glob(os.path.join(killed, "checkpoints", "4*"))),
         ("evaluation of experience 0",
          lambda: os.path.exists(os.path.join(killed, "samples", "experience_0.png"))),
+        ("the classifier learning experience 1", lambda: _experience_rows(killed) >= 1),
     ]  # then experience 1 resumes from the boundary checkpoint, with its restored teacher
     kills = 0
     for what, moment in moments:

@@ -152,12 +152,12 @@ def accuracy(predictions, labels) -> float:
 
 
 def forgetting(acc_matrix) -> float:
-    """Average forgetting after the last experience, as avalanche reports it at the stream end.
+    """Average forgetting after the last experience, as avalanche's stream forgetting gives it.
 
     `acc_matrix[i, j]` is the accuracy on experience j's test data after training experience
-    i (T x T; entries with i < j are ignored). For each j < T - 1 the forgetting is the best
-    accuracy reached on j before the last experience (max over j <= i < T - 1) minus the
-    final accuracy acc[T - 1, j]; the result is their mean (0.0 when T == 1).
+    i (T x T; entries with i < j are ignored). For each j < T - 1 the forgetting is the
+    accuracy right after learning j, acc[j, j], minus the final accuracy acc[T - 1, j]; the
+    result is their mean (0.0 when T == 1).
     """
     acc = np.asarray(acc_matrix, np.float64)
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] == 0:
@@ -165,5 +165,4 @@ def forgetting(acc_matrix) -> float:
     last = acc.shape[0] - 1
     if last == 0:
         return 0.0
-    drops = [acc[j:last, j].max() - acc[last, j] for j in range(last)]
-    return float(np.mean(drops))
+    return float(np.mean([acc[j, j] - acc[last, j] for j in range(last)]))

@@ -1,0 +1,194 @@
+"""The classifier trained beside the generator ("solver", REFERENCE §6).
+
+In every experience the solver, a SimpleCNN, trains first, then the generator trains on the
+same experience. Its strategy follows the generator's:
+
+- "naive": cross-entropy on the experience's images only;
+- "cumulative": cross-entropy on the images of every experience so far;
+- "generative_replay": from the second experience on, each batch of B real images gets R
+  replay images drawn by the previous experience's generator (DDIM, `gen_steps` steps,
+  eta 0, raw sampler output in [-1, 1]) and labelled with the previous solver's logits. The
+  loss is (1/(k+1)) * CE(real) + (1 - 1/(k+1)) * replay, where replay is the baseline's
+  distillation term with temperature T, T^2 * mean_rows(-sum_c softmax(student/T)_c *
+  log_softmax(teacher/T)_c): note the direction, as the baseline implements it.
+
+The replay images, the teacher's labels and the student's update run in one jitted step
+whose frozen inputs (previous generator, previous solver) are explicit arguments. Adam
+starts afresh each experience (avalanche resets the optimizer), dropout is on in training,
+and every epoch visits a seeded permutation in full batches (the remainder is dropped, so
+the step compiles once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gdjax import ddim
+from gdjax.eval import classifier as cls
+from gdjax.schedule import Schedule
+
+SOLVER_STRATEGIES = ("naive", "cumulative", "generative_replay")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Static solver settings (hashable: the jitted step is cached per config)."""
+
+    strategy: str = "generative_replay"
+    epochs: int = 20
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    temperature: float = 2.0
+    gen_steps: int = 10
+    replay_size: int = 0  # 0: the batch size
+    num_classes: int = 10
+
+    def validate(self) -> None:
+        if self.strategy not in SOLVER_STRATEGIES:
+            raise ValueError(f"solver.strategy={self.strategy!r} is unknown; use one of "
+                             f"{SOLVER_STRATEGIES} (or 'auto' in a run config).")
+        for name in ("epochs", "batch_size", "gen_steps", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"solver.{name}={getattr(self, name)} must be >= 1.")
+        if not self.temperature > 0 or not self.learning_rate > 0:
+            raise ValueError(f"solver.temperature={self.temperature} and solver.learning_rate="
+                             f"{self.learning_rate} must be > 0.")
+
+
+class SolverState(NamedTuple):
+    """The solver being trained and the frozen copy that labels its replay images."""
+
+    params: Any
+    opt_state: Any
+    teacher: Any
+
+
+def replay_loss(student_logits, teacher_logits, temperature: float):
+    """T^2 * mean over rows of -sum_c softmax(student/T)_c * log_softmax(teacher/T)_c."""
+    p_student = jax.nn.softmax(student_logits / temperature, axis=-1)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    return temperature**2 * jnp.mean(-jnp.sum(p_student * log_p_teacher, axis=-1))
+
+
+def solver_loss(logits, labels, replay_logits, teacher_logits, *, experience, temperature):
+    """(1/(k+1)) CE(real rows) + (1 - 1/(k+1)) replay; CE alone without replay rows."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if replay_logits is None:
+        return ce
+    w = 1.0 / (experience.astype(jnp.float32) + 1.0)
+    return w * ce + (1.0 - w) * replay_loss(replay_logits, teacher_logits, temperature)
+
+
+def make_optimizer(cfg: SolverConfig) -> optax.GradientTransformation:
+    return optax.adam(cfg.learning_rate)
+
+
+def init_state(cfg: SolverConfig, rng: jax.Array, image_shape: tuple) -> SolverState:
+    """A fresh solver; its teacher slot holds a copy until the first boundary."""
+    params = cls.init_classifier(rng, image_shape, cfg.num_classes)
+    return SolverState(params, make_optimizer(cfg).init(params),
+                       jax.tree.map(jnp.copy, params))
+
+
+def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *, shape,
+                    num_steps: int):
+    """The previous generator's raw DDIM samples in [-1, 1] (eta 0), frozen."""
+    x_init = jax.random.normal(rng, shape)
+    x = ddim.reverse_process(lambda x, t: gen_apply(gen_params, x, t), schedule, x_init,
+                             num_steps=num_steps)
+    return jax.lax.stop_gradient(x)
+
+
+@functools.lru_cache(maxsize=8)
+def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
+    """The jitted step `(state, gen_params, schedule, images, labels, experience, rng) ->
+    (state, loss)`; `gen_params` (the previous generator) and `schedule` are only read
+    `with_replay` (pass None otherwise). Cached per setting: `gen_apply` must be stable."""
+    model, optimizer = cls.SimpleCNN(num_classes=cfg.num_classes), make_optimizer(cfg)
+
+    def loss_fn(params, teacher, images, labels, replay, experience, rng):
+        inputs = images if replay is None else jnp.concatenate([images, replay])
+        logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
+        if replay is None:
+            return solver_loss(logits, labels, None, None, experience=experience,
+                               temperature=cfg.temperature)
+        teacher_logits = jax.lax.stop_gradient(model.apply({"params": teacher}, replay))
+        batch = images.shape[0]
+        return solver_loss(logits[:batch], labels, logits[batch:], teacher_logits,
+                           experience=experience, temperature=cfg.temperature)
+
+    def step(state: SolverState, gen_params, schedule, images, labels, experience, rng):
+        k_gen, k_drop = jax.random.split(rng)
+        replay = None
+        if with_replay:
+            rows = cfg.replay_size or images.shape[0]
+            replay = generate_replay(gen_apply, gen_params, schedule, k_gen,
+                                     shape=(rows,) + images.shape[1:], num_steps=cfg.gen_steps)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.teacher, images, labels,
+                                                  replay, experience, k_drop)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return SolverState(optax.apply_updates(state.params, updates), opt_state,
+                           state.teacher), loss
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarray,
+                     labels: np.ndarray, experience: int, seed: int, with_replay: bool,
+                     gen_apply: Callable | None = None, gen_params=None,
+                     schedule: Schedule | None = None, progress=None) -> SolverState:
+    """Trains the solver on one experience's data (cfg.epochs epochs); returns its state.
+
+    The previous solver (`state.teacher`) must already be frozen by the caller. Batches and
+    dropout/replay keys are drawn from (seed, experience, epoch, step): a rerun is identical.
+    """
+    batch = min(cfg.batch_size, len(images))
+    if batch < 1:
+        raise ValueError(f"experience {experience} has no training images for the solver")
+    step_fn = make_step(cfg, gen_apply if with_replay else None, with_replay)
+    if not with_replay:
+        gen_params = schedule = None
+    state = state._replace(opt_state=make_optimizer(cfg).init(state.params))
+    key = jax.random.fold_in(jax.random.key(seed), 30_000 + experience)
+    exp = jnp.int32(experience)
+    step = 0
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([seed, experience, epoch, 11]).permutation(len(images))
+        for i in range(len(images) // batch):
+            rows = order[i * batch:(i + 1) * batch]
+            state, _ = step_fn(state, gen_params, schedule, images[rows], labels[rows], exp,
+                               jax.random.fold_in(key, step))
+            step += 1
+        if progress is not None:
+            progress.update(1)
+    return state
+
+
+def steps_per_experience(cfg: SolverConfig, num_images: int) -> int:
+    return cfg.epochs * (num_images // min(cfg.batch_size, num_images))
+
+
+@functools.lru_cache(maxsize=4)
+def _predict_fn(num_classes: int):
+    model = cls.SimpleCNN(num_classes=num_classes)
+    return jax.jit(lambda params, x: jnp.argmax(model.apply({"params": params}, x), -1))
+
+
+def predict(params, images: np.ndarray, *, num_classes: int, batch_size: int = 500) -> np.ndarray:
+    """Class ids [N] of images [N, H, W, C] in [-1, 1] (dropout off); batches padded to one
+    shape so the network compiles once per batch size."""
+    fn, out = _predict_fn(num_classes), []
+    batch_size = min(batch_size, 1 << (len(images) - 1).bit_length())
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start:start + batch_size], np.float32)
+        pad = batch_size - len(batch)
+        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
+        out.append(np.asarray(fn(params, batch))[:batch_size - pad])
+    return np.concatenate(out)

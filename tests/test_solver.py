@@ -1,0 +1,152 @@
+"""The classifier trained with generative replay (REFERENCE §6): its loss, its compiled step,
+and its place in the experience loop (classifier first, accuracy and forgetting per row)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdjax import continual, ddim, unet
+from gdjax.eval import classifier as cls
+from gdjax.eval import solver
+from gdjax.logs import read_metrics
+from gdjax.schedule import make_schedule
+from tests.test_continual import leaves, tiny_config
+
+
+def softmax64(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def replay_loss64(student, teacher, T):
+    """REFERENCE §6 in float64: T^2 * mean(-sum softmax(student/T) * log_softmax(teacher/T))."""
+    return T**2 * np.mean(-np.sum(softmax64(student / T) * np.log(softmax64(teacher / T)), -1))
+
+
+def test_replay_loss_is_the_references_formula_and_direction():
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(6, 10)) * 3, rng.normal(size=(6, 10)) * 3
+    got = solver.replay_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                             2.0)
+    assert float(got) == pytest.approx(replay_loss64(student, teacher, 2.0), rel=1e-5)
+    # The baseline's direction: swapping the arguments gives another number.
+    assert abs(replay_loss64(teacher, student, 2.0) - float(got)) > 0.1
+    # Hand-checked: two classes, equal teacher logits -> log_softmax = log(1/2) for both,
+    # so the loss is T^2 * log 2 whatever the student predicts.
+    same = solver.replay_loss(jnp.array([[5.0, -1.0]]), jnp.array([[0.3, 0.3]]), 2.0)
+    assert float(same) == pytest.approx(4 * np.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_solver_loss_weights_real_and_replay_rows(k):
+    rng = np.random.default_rng(1)
+    logits, replay, teacher = (rng.normal(size=(4, 10)) for _ in range(3))
+    labels = np.array([0, 3, 3, 9])
+    ce = np.mean(-np.log(softmax64(logits)[np.arange(4), labels]))
+    want = ce / (k + 1) + (1 - 1 / (k + 1)) * replay_loss64(replay, teacher, 2.0)
+    logits, replay, teacher = (jnp.asarray(a, jnp.float32) for a in (logits, replay, teacher))
+    got = solver.solver_loss(logits, jnp.asarray(labels), replay, teacher,
+                             experience=jnp.int32(k), temperature=2.0)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    config = unet.get_unet_config("tiny")
+    return continual.model_apply_fn(config), unet.init_params(config, jax.random.key(3))
+
+
+def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(generator):
+    """The loss the compiled step minimises equals the formula on replay images and teacher
+    labels recomputed outside it; the frozen inputs come out bitwise unchanged."""
+    gen_apply, gen_params = generator
+    cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2)
+    schedule = make_schedule()
+    state = solver.init_state(cfg, jax.random.key(0), (16, 16, 1))
+    teacher = cls.init_classifier(jax.random.key(1), (16, 16, 1), 10)  # another network
+    state = state._replace(teacher=teacher)
+    images = np.random.default_rng(2).uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
+    labels = np.array([1, 2, 2, 7], np.int32)
+    rng, experience = jax.random.key(9), 2
+    before = [np.array(x) for x in leaves((state.params, teacher, gen_params))]
+    n_params = len(leaves(state.params))
+
+    k_gen, k_drop = jax.random.split(rng)
+    x_init = jax.random.normal(k_gen, (3, 16, 16, 1))
+    replay = ddim.reverse_process(lambda x, t: gen_apply(gen_params, x, t), schedule, x_init,
+                                  num_steps=2)
+    model = cls.SimpleCNN()
+    logits = model.apply({"params": state.params}, jnp.concatenate([images, replay]),
+                         train=True, rngs={"dropout": k_drop})
+    teacher_logits = model.apply({"params": teacher}, replay)
+    ce = np.mean(-np.log(softmax64(logits[:4])[np.arange(4), labels]))
+    want = ce / 3 + (2 / 3) * replay_loss64(logits[4:], teacher_logits, 2.0)
+
+    step = solver.make_step(cfg, gen_apply, True)
+    new_state, loss = step(state, gen_params, schedule, images, labels, jnp.int32(experience),
+                           rng)
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert np.abs(np.asarray(replay)).max() <= 1.0  # raw sampler output, clipped x0
+    after = leaves((new_state.teacher, gen_params))
+    for a, b in zip(after, before[n_params:]):  # state was donated: compare with copies
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(leaves(new_state.params), before)]
+    assert all(moved)
+
+
+def test_bad_solver_settings_are_named(tmp_path):
+    c = tiny_config()
+    c.solver.strategy = "replay"
+    with pytest.raises(ValueError, match="solver.strategy='replay'"):
+        continual.train(c, str(tmp_path / "a"))
+    c = tiny_config()
+    c.solver.temperature = 0.0
+    with pytest.raises(ValueError, match="solver.temperature"):
+        continual.train(c, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("strategy,solver_strategy", [
+    ("full_generation_distillation", "generative_replay"), ("naive", "naive"),
+    ("cumulative", "cumulative")])
+def test_auto_solver_follows_the_generator(strategy, solver_strategy):
+    assert continual.solver_config(tiny_config(strategy), 10).strategy == solver_strategy
+    c = tiny_config(strategy)
+    c.solver.enabled = False
+    assert continual.solver_config(c, 10) is None
+
+
+def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path, monkeypatch):
+    """Per experience: the solver trains before the generator's first step (replaying from
+    the generator frozen at the boundary), and the row holds accuracies on the classes seen
+    and avalanche's forgetting, recomputed here from the logged per-experience accuracies."""
+    order = []
+    real_train_solver, real_train_experience = continual.train_solver, continual.train_experience
+
+    def train_solver(tr, k):
+        order.append(("solver", k, tr.run.strategy.name))
+        # Its replay generator is the frozen teacher: the params the generator ended k-1 with.
+        if k > 0:
+            for a, b in zip(leaves(tr.teacher), leaves(tr.state.params)):
+                np.testing.assert_array_equal(a, b)
+        return real_train_solver(tr, k)
+
+    monkeypatch.setattr(continual, "train_solver", train_solver)
+    monkeypatch.setattr(continual, "train_experience",
+                        lambda tr, k, s: (order.append(("generator", k)),
+                                          real_train_experience(tr, k, s)))
+    workdir = str(tmp_path / "run")
+    continual.train(tiny_config(), workdir)
+    assert [o[:2] for o in order] == [("solver", 0), ("generator", 0), ("solver", 1),
+                                      ("generator", 1)]
+    rows = read_metrics(workdir, "experience")
+    for row in rows:
+        accs = [row[f"classifier_acc_exp_{j}"] for j in range(row["experience"] + 1)]
+        assert all(0.0 <= a <= 1.0 for a in accs)
+        assert 0.0 <= row["classifier_accuracy"] <= 1.0
+    assert rows[0]["classifier_forgetting"] == 0.0
+    assert rows[1]["classifier_forgetting"] == pytest.approx(
+        rows[0]["classifier_acc_exp_0"] - rows[1]["classifier_acc_exp_0"])
+    # After one epoch (22 steps) on the first five classes it is well above chance (0.2).
+    assert rows[0]["classifier_acc_exp_0"] > 0.3
