@@ -142,6 +142,16 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def replace_stream(workdir: str | os.PathLike, stream: str, rows: list[dict]) -> None:
+    """Rewrites a whole stream with `rows` (each with "step"), atomically: a kill leaves the
+    old file or the new one. For streams no MetricLogger appends to at the same time."""
+    text = "".join(_encode_row(r["step"], {k: v for k, v in r.items() if k != "step"}) + "\n"
+                   for r in rows)
+    path = _stream_path(workdir, stream)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, text)
+
+
 def _truncate_stream(path: pathlib.Path, resume_step: int) -> None:
     """Drop rows with step > resume_step and a torn last line; rewrite only on change."""
     original = path.read_text(encoding="utf-8")

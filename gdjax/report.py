@@ -1,0 +1,550 @@
+"""Reports over finished runs: the paper's table (strategies x seeds) as Markdown, CSV and PNG.
+
+`write_report(workdirs, out_dir)` reads each run's `config.json` and its per-experience metric
+rows (`metrics/experience.jsonl`, or with `stream="evaluation"` the rows that
+launch/evaluate.py writes), groups the runs by strategy and writes into `out_dir`:
+
+- `report.md`: mean ± std over seeds at the last experience, one table per metric over the
+  experiences, the figures, and the list of runs used;
+- `last_experience.csv`, `per_experience.csv`: the same numbers in long format, one line per
+  (strategy, metric, experience) with mean, std and n; every numeric metric of the rows,
+  the per-class fractions `gen_frac_class_<c>` and per-experience accuracies
+  `classifier_acc_exp_<j>` included (the Markdown tables and plots leave those out);
+- `<metric>.png`: each metric against the experience, the mean with a ±std band per strategy;
+- `class_histogram.png`: per strategy, the mean generated class fractions at the last
+  experience against the true class frequencies;
+- `samples.png`: the last-experience sample grid of each strategy's first seed, side by side.
+
+std is the sample standard deviation over seeds (ddof=1), NaN for a single seed. A strategy's
+label is its `strategy.name`; runs of one strategy whose configs differ in more than the seed
+(bookkeeping keys such as `log.*` aside) get the differing keys in their label, e.g.
+`full_generation_distillation (strategy.lambd=3.0)`. Experiences are 0-based, as in the metric
+files.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import functools
+import glob
+import io
+import json
+import math
+import os
+import re
+import textwrap
+from typing import Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from gdjax import data as gdata
+from gdjax import strategies
+from gdjax.logs import read_metrics
+
+# Row keys that say where a row belongs or how it was made (launch/evaluate.py's rows)
+# rather than measure anything.
+INDEX_KEYS = ("step", "experience", "classes_seen", "num_samples", "eval_steps")
+GEN_FRAC = "gen_frac_class_"
+TRUE_FRAC = "true_frac_class_"
+# Families of per-class or per-experience values: in the CSV files, not in the tables
+# and plots (the class histogram shows the fractions).
+DETAIL_PREFIXES = (GEN_FRAC, TRUE_FRAC, "classifier_acc_exp_")
+# The paper's metrics first, in this order; any others follow alphabetically.
+METRIC_ORDER = ("fid", "kid", "kld", "ard", "fd_classifier", "kid_classifier",
+                "classifier_accuracy", "classifier_forgetting")
+LOWER_IS_BETTER = frozenset(METRIC_ORDER) - {"classifier_accuracy"}
+# Config keys that cannot change a run's numbers (paths, logging, checkpoint cadence: a
+# resumed run ends bitwise equal), so runs differing only in them share a label.
+BOOKKEEPING_KEYS = frozenset({"seed", "data.data_dir", "data.prefetch", "train.log_every",
+                              "train.checkpoint_every", "train.max_to_keep"})
+BOOKKEEPING_PREFIXES = ("log.",)
+CSV_COLUMNS = ("strategy", "metric", "experience", "mean", "std", "n")
+_FIGURE_NAMES = ("class_histogram", "samples")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One run: its workdir, config.json, and metric row per experience index."""
+
+    workdir: str
+    config: dict
+    rows: dict[int, dict]
+    label: str = ""
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def strategy(self) -> str:
+        return self.config["strategy"]["name"]
+
+    @property
+    def last_experience(self) -> int:
+        return max(self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Mean and sample std (ddof=1; NaN when n = 1) of one metric over n seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def summarize(values: Sequence[float]) -> Stat:
+    a = np.asarray(values, np.float64)
+    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
+    return Stat(float(a.mean()), std, len(a))
+
+
+# label -> metric -> experience -> Stat
+Table = dict[str, dict[str, dict[int, Stat]]]
+
+
+# ----------------------------------------------------------------------------- finding runs
+
+def find_runs(patterns: Iterable[str]) -> list[str]:
+    """The run directories named by `patterns` (paths or glob patterns), in the order given,
+    each once. Raises if nothing is given or a pattern matches no directory."""
+    patterns = [p.strip() for p in patterns if p and p.strip()]
+    if not patterns:
+        raise ValueError("no runs given: pass --runs=<workdir or glob>[,<workdir or glob>...]")
+    found: list[str] = []
+    for pattern in patterns:
+        is_glob = any(ch in pattern for ch in "*?[")
+        matches = sorted(glob.glob(pattern)) if is_glob else [pattern]
+        dirs = [os.path.normpath(m) for m in matches if os.path.isdir(m)]
+        if not dirs:
+            raise FileNotFoundError(f"no runs matched {pattern!r}: no such directory")
+        found.extend(d for d in dirs if d not in found)
+    return found
+
+
+def _read_config(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{workdir} has no config.json: it is not a gdjax run directory (launch/train.py "
+            f"writes one when a run starts); remove it from --runs.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): not a gdjax run config.") from e
+    names_ok = isinstance(config, dict) and all(
+        isinstance(config.get(s), dict) and isinstance(config[s].get("name"), str)
+        for s in ("data", "strategy"))
+    if not names_ok:
+        raise ValueError(f"{path} has no data.name / strategy.name: it is not the config.json "
+                         f"of a gdjax run; remove {workdir} from --runs.")
+    return config
+
+
+def load_run(workdir: str, stream: str = "experience") -> RunRecord:
+    """A run's config and its rows of `stream` by experience (a repeated experience: the
+    last row wins). Raises, naming the run, if it has no config.json or no such rows."""
+    config = _read_config(workdir)
+    rows: dict[int, dict] = {}
+    for row in read_metrics(workdir, stream):
+        if not isinstance(row.get("experience"), int):
+            raise ValueError(f"{workdir}/metrics/{stream}.jsonl has a row without an integer "
+                             f"'experience' (step {row['step']}): not a per-experience stream.")
+        rows[row["experience"]] = row
+    if not rows:
+        hint = ("run `python -m launch.evaluate --workdir` on it first" if stream == "evaluation"
+                else "it is not a finished gdjax run: let it finish at least one experience")
+        raise ValueError(f"{workdir} has no evaluated experience (no rows in "
+                         f"metrics/{stream}.jsonl): {hint}, or remove it from --runs.")
+    return RunRecord(workdir, config, rows)
+
+
+def _check_one_dataset(runs: Sequence[RunRecord]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        if run.config["data"]["name"] != first.config["data"]["name"]:
+            raise ValueError(
+                f"runs of different data sets: {first.workdir} has data.name="
+                f"{first.config['data']['name']!r}, {run.workdir} has data.name="
+                f"{run.config['data']['name']!r}; report one data set at a time.")
+
+
+# ----------------------------------------------------------------------------- labels
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key in BOOKKEEPING_KEYS or key.startswith(BOOKKEEPING_PREFIXES)
+
+
+def _varying_keys(configs: Sequence[dict]) -> list[str]:
+    """Keys (dotted) whose values differ between `configs`, seed and bookkeeping aside."""
+    flats = [_flatten(c) for c in configs]
+    keys = sorted(set().union(*flats))
+    # JSON text compares lists and absent keys (None) alike across configs.
+    return [k for k in keys if not _is_bookkeeping(k)
+            and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def assign_labels(runs: Sequence[RunRecord]) -> None:
+    """Sets each run's label: its strategy name, plus the config values that set it apart
+    from other runs of that strategy. Raises if one label holds a seed twice."""
+    by_strategy = collections.defaultdict(list)
+    for run in runs:
+        by_strategy[run.strategy].append(run)
+    for name, group in by_strategy.items():
+        varying = _varying_keys([r.config for r in group])
+        for run in group:
+            flat = _flatten(run.config)
+            extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
+            run.label = f"{name} ({extra})" if extra else name
+    seen: dict[tuple, str] = {}
+    for run in runs:
+        other = seen.setdefault((run.label, json.dumps(run.seed)), run.workdir)
+        if other != run.workdir:
+            raise ValueError(
+                f"{other} and {run.workdir} are both {run.label} with seed {run.seed}: the "
+                f"same run twice would count as two seeds; remove one from --runs.")
+
+
+def _label_order(label: str, runs: Sequence[RunRecord]) -> tuple:
+    name = runs[0].strategy
+    rank = strategies.STRATEGIES.index(name) if name in strategies.STRATEGIES else 99
+    return rank, label
+
+
+def group_runs(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """label -> its runs sorted by seed; labels in the strategies' canonical order."""
+    groups = collections.defaultdict(list)
+    for run in runs:
+        groups[run.label].append(run)
+    ordered = sorted(groups.items(), key=lambda item: _label_order(*item))
+    return {label: sorted(rs, key=_seed_order) for label, rs in ordered}
+
+
+def _seed_order(run: RunRecord) -> tuple:
+    return (run.seed if _is_number(run.seed) else math.inf, run.workdir)
+
+
+def load_runs(workdirs: Sequence[str], stream: str = "experience") -> dict[str, list[RunRecord]]:
+    """Loads, checks and labels the runs; returns them grouped as `group_runs` does."""
+    if not workdirs:
+        raise ValueError("no runs matched: nothing to report.")
+    runs = [load_run(w, stream) for w in workdirs]
+    _check_one_dataset(runs)
+    assign_labels(runs)
+    return group_runs(runs)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def per_experience(groups: dict[str, list[RunRecord]]) -> Table:
+    """label -> metric -> experience -> Stat over the label's runs that have that value."""
+    table: Table = {}
+    for label, runs in groups.items():
+        values = collections.defaultdict(lambda: collections.defaultdict(list))
+        for run in runs:
+            for k, row in run.rows.items():
+                for name, value in row.items():
+                    if name not in INDEX_KEYS and _is_number(value):
+                        values[name][k].append(float(value))
+        table[label] = {m: {k: summarize(v) for k, v in sorted(per_k.items())}
+                        for m, per_k in values.items()}
+    return table
+
+
+def last_experiences(groups: dict[str, list[RunRecord]]) -> dict[str, int]:
+    """label -> the last experience any of its runs reached."""
+    return {label: max(r.last_experience for r in runs) for label, runs in groups.items()}
+
+
+def metric_names(table: Table, *, details: bool = False) -> list[str]:
+    """The metrics in `table`, the paper's first; the DETAIL_PREFIXES families only if
+    `details`."""
+    names = {m for per_metric in table.values() for m in per_metric}
+    if not details:
+        names = {m for m in names if not m.startswith(DETAIL_PREFIXES)}
+    known = [m for m in METRIC_ORDER if m in names]
+    return known + sorted(names - set(known))
+
+
+# ----------------------------------------------------------------------------- files
+
+def _atomic_write(path: str, data: bytes) -> str:
+    # Same directory, so os.replace is atomic: a reader never sees half a file.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _save_figure(fig: Figure, path: str, *, tight: bool = False) -> str:
+    buffer = io.BytesIO()
+    # tight: image axes keep their aspect, which the constrained layout does not leave room
+    # for multi-line titles around; the tight box grows the PNG to fit them.
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if tight else None,
+                pad_inches=0.1)
+    return _atomic_write(path, buffer.getvalue())
+
+
+def _csv_rows(table: Table, experiences: dict[str, Sequence[int]]) -> list[tuple]:
+    rows = []
+    for label, per_metric in table.items():
+        for metric in metric_names({label: per_metric}, details=True):
+            for k in experiences[label]:
+                if k in per_metric[metric]:
+                    s = per_metric[metric][k]
+                    rows.append((label, metric, k, repr(s.mean), repr(s.std), s.n))
+    return rows
+
+
+def _write_csv(path: str, rows: list[tuple]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(rows)
+    return _atomic_write(path, text.getvalue().encode("utf-8"))
+
+
+def _figure_file(metric: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
+    return f"metric_{name}.png" if name in _FIGURE_NAMES else f"{name}.png"
+
+
+def write_report(workdirs: Sequence[str], out_dir: str, *,
+                 stream: str = "experience") -> dict[str, str]:
+    """Writes the report of `workdirs` into `out_dir`; returns {file name: path written}."""
+    groups = load_runs(list(workdirs), stream)
+    table = per_experience(groups)
+    last = last_experiences(groups)
+    os.makedirs(out_dir, exist_ok=True)
+    out = functools.partial(os.path.join, out_dir)
+    all_k = {label: sorted({k for r in runs for k in r.rows}) for label, runs in groups.items()}
+    written = {
+        "per_experience.csv": _write_csv(out("per_experience.csv"), _csv_rows(table, all_k)),
+        "last_experience.csv": _write_csv(out("last_experience.csv"), _csv_rows(
+            table, {label: [k] for label, k in last.items()})),
+    }
+    for metric in metric_names(table):
+        written[_figure_file(metric)] = _save_figure(
+            metric_figure(table, metric), out(_figure_file(metric)))
+    histogram = class_histogram_figure(groups, last)
+    if histogram is not None:
+        written["class_histogram.png"] = _save_figure(histogram, out("class_histogram.png"))
+    samples = samples_figure(groups, last)
+    if samples is not None:
+        written["samples.png"] = _save_figure(samples, out("samples.png"), tight=True)
+    text = markdown(groups, table, last, figures=[n for n in written if n.endswith(".png")],
+                    stream=stream)
+    written["report.md"] = _atomic_write(out("report.md"), text.encode("utf-8"))
+    return written
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+def _cell(stat: Stat | None, n_runs: int) -> str:
+    if stat is None:
+        return "–"
+    text = f"{stat.mean:.4g}" if math.isnan(stat.std) else f"{stat.mean:.4g} ± {stat.std:.2g}"
+    return text if stat.n == n_runs else f"{text} (n={stat.n})"
+
+
+def _header(metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return f"{metric} ↓"
+    return f"{metric} ↑" if metric == "classifier_accuracy" else metric
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    def line(cells):  # a "|" inside a cell (a config value in a label) would split it
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header)] + [line(row) for row in rows]
+
+
+def _classes_seen(runs: Sequence[RunRecord], k: int) -> str:
+    seen = sorted({r.rows[k].get("classes_seen") for r in runs if k in r.rows}, key=str)
+    return "/".join(str(s) for s in seen)
+
+
+def _last_table(groups, table: Table, last: dict[str, int], metrics: list[str]) -> list[str]:
+    rows = []
+    for label, runs in groups.items():
+        k, n = last[label], sum(last[label] in r.rows for r in runs)
+        cells = [_cell(table[label].get(m, {}).get(k), n) for m in metrics]
+        rows.append([label, str(n), str(k), _classes_seen(runs, k), *cells])
+    header = ["strategy", "n", "experience", "classes seen", *map(_header, metrics)]
+    return _table(header, rows)
+
+
+def _metric_table(groups, table: Table, metric: str) -> list[str]:
+    ks = sorted({k for per_metric in table.values() for k in per_metric.get(metric, {})})
+    rows = [[label, *(_cell(table[label].get(metric, {}).get(k),
+                            sum(k in r.rows for r in runs)) for k in ks)]
+            for label, runs in groups.items()]
+    return _table(["strategy", *map(str, ks)], rows)
+
+
+def _runs_table(groups) -> list[str]:
+    rows = [[label, str(r.seed), str(r.last_experience), f"`{r.workdir}`"]
+            for label, runs in groups.items() for r in runs]
+    return _table(["strategy", "seed", "last experience", "workdir"], rows)
+
+
+def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[str],
+             stream: str) -> str:
+    """The text of report.md."""
+    runs = [r for rs in groups.values() for r in rs]
+    metrics = metric_names(table)
+    lines = [f"# gdjax report: {runs[0].config['data']['name']}", "",
+             f"Runs: {len(runs)}; strategies: {len(groups)}; rows of `metrics/{stream}.jsonl`. "
+             "Each cell is the mean ± std over seeds, where std is the sample standard "
+             "deviation (ddof=1) and n the number of seeds (no std for one seed; "
+             "`(n=k)` marks a cell with fewer seeds than its row). Experiences are 0-based, "
+             "as in the metric files; ↓ lower is better, ↑ higher is better.", "",
+             "## At the last experience", ""]
+    lines += _last_table(groups, table, last, metrics)
+    lines += ["", "## Per experience", "", "Columns are experiences."]
+    for metric in metrics:
+        lines += ["", f"### {_header(metric)}", ""] + _metric_table(groups, table, metric)
+    lines += ["", "## Figures", ""]
+    lines += [f"![{name[:-4]}]({name})" for name in figures]
+    if "class_histogram.png" not in figures:
+        lines.append("No class histogram: no row carries `gen_frac_class_<c>` fractions.")
+    if "samples.png" not in figures:
+        lines.append("No sample grids: no run has `samples/experience_<k>.png`.")
+    lines += ["", "## Runs", ""] + _runs_table(groups) + [""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def metric_figure(table: Table, metric: str) -> Figure:
+    """`metric` against the experience: per label the mean, and a ±std band."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for label, per_metric in table.items():
+        stats = per_metric.get(metric)
+        if not stats:
+            continue
+        ks = np.array(sorted(stats))
+        mean = np.array([stats[k].mean for k in ks])
+        std = np.nan_to_num(np.array([stats[k].std for k in ks]))  # one seed: no band
+        line, = ax.plot(ks, mean, marker="o", label=label)
+        ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("experience (0-based)")
+    ax.set_ylabel(_header(metric))
+    ax.set_title(f"{metric}: mean ± std over seeds")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _class_fractions(row: dict, prefix: str) -> dict[int, float]:
+    return {int(name[len(prefix):]): float(v) for name, v in row.items()
+            if name.startswith(prefix) and name[len(prefix):].isdigit()}
+
+
+def true_frequencies(run: RunRecord, k: int, num_classes: int) -> np.ndarray:
+    """The true class frequencies after experience k: the row's `true_frac_class_<c>` if it
+    has them, else uniform over the classes seen (the run's class order, from its config)."""
+    logged = _class_fractions(run.rows[k], TRUE_FRAC)
+    if logged:
+        return np.array([logged.get(c, 0.0) for c in range(num_classes)])
+    d = run.config["data"]
+    order = gdata.resolve_class_order(num_classes, seed=run.seed,
+                                      fixed_order=tuple(d.get("class_order") or ()) or None)
+    # As continual.build cuts them: one experience of every class unless continual.
+    n_exp = d["n_experiences"] if run.config["train"].get("mode", "continual") == "continual" else 1
+    seen = gdata.seen_classes(gdata.make_experiences(order, n_exp), k)
+    freq = np.zeros(num_classes)
+    freq[list(seen)] = 1.0 / len(seen)
+    return freq
+
+
+def _histogram_data(runs: Sequence[RunRecord], k: int):
+    """(generated fractions [n_runs, C], true frequencies [n_runs, C]) of the runs with class
+    fractions at experience k, or None if none has them."""
+    rows = [(r, _class_fractions(r.rows[k], GEN_FRAC)) for r in runs if k in r.rows]
+    rows = [(r, fr) for r, fr in rows if fr]
+    if not rows:
+        return None
+    num_classes = max(max(fr) for _, fr in rows) + 1
+    gen = np.array([[fr.get(c, 0.0) for c in range(num_classes)] for _, fr in rows])
+    true = np.array([true_frequencies(r, k, num_classes) for r, _ in rows])
+    return gen, true
+
+
+def class_histogram_figure(groups, last: dict[str, int]) -> Figure | None:
+    """Per label: mean (± std) generated class fractions at its last experience, beside the
+    true frequencies; None when no run logged class fractions."""
+    data = {label: _histogram_data(runs, last[label]) for label, runs in groups.items()}
+    data = {label: d for label, d in data.items() if d is not None}
+    if not data:
+        return None
+    fig = Figure(figsize=(6.4, 0.6 + 2.2 * len(data)), layout="constrained")
+    axes = fig.subplots(len(data), 1, squeeze=False)[:, 0]
+    for ax, (label, (gen, true)) in zip(axes, data.items()):
+        x = np.arange(gen.shape[1])
+        std = np.nan_to_num(gen.std(axis=0, ddof=1)) if len(gen) > 1 else None
+        ax.bar(x - 0.2, true.mean(axis=0), 0.4, color="0.6", label="true")
+        ax.bar(x + 0.2, gen.mean(axis=0), 0.4, yerr=std, color="tab:orange", capsize=2,
+               label="generated (mean ± std)")
+        ax.set_title(f"{label}: experience {last[label]}, n={len(gen)}", fontsize=9)
+        ax.set_xticks(x)
+        ax.set_ylabel("fraction")
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("class")
+    return fig
+
+
+def _first_grid(runs: Sequence[RunRecord], k: int) -> tuple[RunRecord, str] | None:
+    """(run, path) of the sample grid of experience k of the first seed that has one."""
+    for run in runs:
+        path = os.path.join(run.workdir, "samples", f"experience_{k}.png")
+        if os.path.isfile(path):
+            return run, path
+    return None
+
+
+def samples_figure(groups, last: dict[str, int], *, columns: int = 4) -> Figure | None:
+    """The last-experience sample grids of each label's first seed, titled by label; None
+    when no run has one."""
+    grids = {label: _first_grid(runs, last[label]) for label, runs in groups.items()}
+    grids = {label: found for label, found in grids.items() if found is not None}
+    if not grids:
+        return None
+    ncols = min(columns, len(grids))
+    nrows = -(-len(grids) // ncols)
+    fig = Figure(figsize=(3.2 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (label, (run, path)) in zip(axes, grids.items()):
+        with Image.open(path) as image:
+            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+        ax.set_title(textwrap.fill(f"{label}, seed {run.seed}, experience {last[label]}", 34),
+                     fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    return fig

@@ -1,0 +1,320 @@
+"""Tests of gdjax/report.py and launch/report.py: the strategies x seeds report.
+
+Most tests write the runs themselves (config.json, metric rows through MetricLogger, a sample
+grid) and check the report's numbers against means and sample stds computed here with the
+`statistics` module; one trains a tiny 2-experience digits run and reports it.
+"""
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import split_digits
+from gdjax import report
+from gdjax.grid import save_image_grid
+from gdjax.logs import MetricLogger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (42, 69, 1714)
+STRATEGIES = ("naive", "full_generation_distillation")
+N_EXP = 5
+
+
+def write_run(workdir, strategy="naive", seed=42, rows=(), *, grid=True, **overrides):
+    """A finished-looking run: config.json, metrics/experience.jsonl and sample grids."""
+    config = split_digits.get_config()
+    config.strategy.name, config.seed = strategy, seed
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(config[section], name, value)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(json.loads(json.dumps(config.to_dict(), default=str)), f)
+    with MetricLogger(workdir, tensorboard=False) as logger:
+        for k, row in enumerate(rows):
+            logger.write("experience", 400 * (k + 1), {"experience": k,
+                                                       "classes_seen": 2 * (k + 1), **row})
+            if grid:
+                shade = np.full((4, 8, 8, 1), (k + 1) / len(rows), np.float32)
+                save_image_grid(shade, os.path.join(workdir, "samples", f"experience_{k}.png"))
+    return str(workdir)
+
+
+def metric_rows(s, i):
+    """Distinct made-up metric values for strategy index s, seed index i, per experience."""
+    rng = np.random.default_rng([s, i])
+    rows = []
+    for k in range(N_EXP):
+        frac = rng.dirichlet(np.ones(10))
+        rows.append({"kld": float(rng.uniform(0, 1)), "ard": float(rng.uniform(0, 1)),
+                     "fd_classifier": float(rng.uniform(10, 100)),
+                     **{f"gen_frac_class_{c}": float(f) for c, f in enumerate(frac)}})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def grid_runs(tmp_path_factory):
+    """2 strategies x 3 seeds; returns (workdirs, {(strategy, seed): rows})."""
+    root = tmp_path_factory.mktemp("runs")
+    workdirs, written = [], {}
+    for s, strategy in enumerate(STRATEGIES):
+        for i, seed in enumerate(SEEDS):
+            rows = metric_rows(s, i)
+            workdirs.append(write_run(root / f"{strategy}_{seed}", strategy, seed, rows))
+            written[strategy, seed] = rows
+    return workdirs, written
+
+
+@pytest.fixture(scope="module")
+def written_report(grid_runs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    return out, report.write_report(grid_runs[0], out)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def hand_stats(written, strategy, metric, k):
+    values = [written[strategy, seed][k][metric] for seed in SEEDS]
+    return statistics.mean(values), statistics.stdev(values)  # stdev: ddof=1
+
+
+def markdown_rows(text, heading):
+    """{first cell: cells} of the first table after `heading`."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip("|").split("|")])
+    header, body = table[0], table[2:]
+    return header, {row[0]: row for row in body}
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def test_files_written(written_report):
+    out, written = written_report
+    expected = {"report.md", "last_experience.csv", "per_experience.csv", "kld.png", "ard.png",
+                "fd_classifier.png", "class_histogram.png", "samples.png"}
+    assert set(written) == expected
+    assert all(written[name] == os.path.join(out, name) for name in expected)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
+
+
+def test_per_experience_csv_matches_hand_computed(grid_runs, written_report):
+    rows = read_csv(written_report[1]["per_experience.csv"])
+    assert list(rows[0]) == ["strategy", "metric", "experience", "mean", "std", "n"]
+    # 2 strategies x 5 experiences x (3 metrics + 10 class fractions)
+    assert len(rows) == 2 * N_EXP * 13
+    for row in rows:
+        mean, std = hand_stats(grid_runs[1], row["strategy"], row["metric"], int(row["experience"]))
+        assert float(row["mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-15)
+        assert float(row["std"]) == pytest.approx(std, rel=1e-9)
+        assert row["n"] == "3"
+
+
+def test_last_experience_csv_and_markdown(grid_runs, written_report):
+    written = written_report[1]
+    rows = read_csv(written["last_experience.csv"])
+    assert {r["experience"] for r in rows} == {str(N_EXP - 1)}
+    by_key = {(r["strategy"], r["metric"]): r for r in rows}
+    text = open(written["report.md"]).read()
+    assert "sample standard deviation (ddof=1)" in text
+    header, table = markdown_rows(text, "## At the last experience")
+    assert header == ["strategy", "n", "experience", "classes seen", "kld ↓", "ard ↓",
+                      "fd_classifier ↓"]
+    assert list(table) == list(STRATEGIES)  # the canonical strategy order
+    for strategy in STRATEGIES:
+        assert table[strategy][1:4] == ["3", str(N_EXP - 1), "10"]
+        for column, metric in zip(header[4:], ("kld", "ard", "fd_classifier")):
+            mean, std = hand_stats(grid_runs[1], strategy, metric, N_EXP - 1)
+            assert float(by_key[strategy, metric]["mean"]) == pytest.approx(mean, rel=1e-12)
+            assert table[strategy][header.index(column)] == f"{mean:.4g} ± {std:.2g}"
+
+
+def test_per_experience_markdown_tables(grid_runs, written_report):
+    text = open(written_report[1]["report.md"]).read()
+    header, table = markdown_rows(text, "### fd_classifier ↓")
+    assert header == ["strategy"] + [str(k) for k in range(N_EXP)]
+    for strategy in STRATEGIES:
+        for k in range(N_EXP):
+            mean, std = hand_stats(grid_runs[1], strategy, "fd_classifier", k)
+            assert table[strategy][1 + k] == f"{mean:.4g} ± {std:.2g}"
+    runs = [line.split("|")[1:3] for line in text.split("## Runs")[1].strip().splitlines()[2:]]
+    assert [(s.strip(), seed.strip()) for s, seed in runs] == [
+        (s, str(seed)) for s in STRATEGIES for seed in SEEDS]  # numeric seed order
+
+
+def test_pngs_open_with_sane_sizes(written_report):
+    written = written_report[1]
+    sizes = {}
+    for name, path in written.items():
+        if name.endswith(".png"):
+            with Image.open(path) as image:
+                image.load()
+                sizes[name] = image.size
+    assert sizes["kld.png"] == (640, 400)
+    assert sizes["class_histogram.png"] == (640, 500)  # 0.6 + 2.2 inches per strategy
+    width, height = sizes["samples.png"]  # two grids side by side, cropped to the content
+    assert 560 <= width <= 700 and 300 <= height <= 420
+
+
+def test_class_histogram_data(grid_runs):
+    groups = report.load_runs(grid_runs[0])
+    gen, true = report._histogram_data(groups["naive"], N_EXP - 1)
+    expected = [[grid_runs[1]["naive", seed][N_EXP - 1][f"gen_frac_class_{c}"] for c in range(10)]
+                for seed in SEEDS]
+    np.testing.assert_allclose(gen, expected, rtol=0, atol=0)
+    np.testing.assert_allclose(true, np.full((3, 10), 0.1))  # all classes seen: uniform
+
+
+def test_true_frequencies_follow_the_class_order(tmp_path):
+    row = {f"gen_frac_class_{c}": 0.1 for c in range(10)}
+    run = report.load_run(write_run(tmp_path / "a", seed=42, rows=[row, row], grid=False))
+    # Seed 42 draws the order 2 6 1 8 4 5 0 9 3 7 (README): after experience 1, 4 classes.
+    expected = np.zeros(10)
+    expected[[2, 6, 1, 8]] = 0.25
+    np.testing.assert_array_equal(report.true_frequencies(run, 1, 10), expected)
+    logged = {**row, **{f"true_frac_class_{c}": c / 45 for c in range(10)}}
+    run = report.load_run(write_run(tmp_path / "b", seed=42, rows=[logged], grid=False))
+    np.testing.assert_allclose(report.true_frequencies(run, 0, 10), np.arange(10) / 45)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+def test_labels_name_the_config_keys_that_differ(tmp_path):
+    rows = [{"kld": 1.0}]
+    runs = [write_run(tmp_path / "gd1", "full_generation_distillation", 42, rows,
+                      strategy__lambd=1.0),
+            write_run(tmp_path / "gd3", "full_generation_distillation", 42, rows,
+                      strategy__lambd=3.0),
+            # A different lambd means nothing to naive; bookkeeping keys never split labels.
+            write_run(tmp_path / "n1", "naive", 42, rows, strategy__lambd=1.0),
+            write_run(tmp_path / "n2", "naive", 69, rows, strategy__lambd=1.0,
+                      log__tensorboard=False, data__data_dir="/elsewhere")]
+    groups = report.load_runs(runs)
+    assert list(groups) == ["naive", "full_generation_distillation (strategy.lambd=1.0)",
+                            "full_generation_distillation (strategy.lambd=3.0)"]
+    assert [r.seed for r in groups["naive"]] == [42, 69]
+
+
+def test_missing_values_lower_n_and_are_marked(tmp_path):
+    runs = [write_run(tmp_path / f"s{seed}", "naive", seed,
+                      [{"kld": 0.5, **({"fid": float(seed)} if seed != 42 else {})}], grid=False)
+            for seed in SEEDS]
+    out = tmp_path / "out"
+    written = report.write_report(runs, str(out))
+    fid = [r for r in read_csv(written["last_experience.csv"]) if r["metric"] == "fid"]
+    assert fid[0]["n"] == "2" and float(fid[0]["mean"]) == (69 + 1714) / 2
+    header, table = markdown_rows(open(written["report.md"]).read(), "## At the last")
+    assert header[4] == "fid ↓"  # the paper's metrics first
+    assert table["naive"][4] == f"{891.5:.4g} ± {statistics.stdev([69, 1714]):.2g} (n=2)"
+    assert table["naive"][5] == "0.5 ± 0"
+    assert "samples.png" not in written and "class_histogram.png" not in written
+
+
+def test_one_seed_has_no_std(tmp_path):
+    written = report.write_report([write_run(tmp_path / "r", rows=[{"kld": 0.25}])],
+                                  str(tmp_path / "out"))
+    row, = [r for r in read_csv(written["last_experience.csv"]) if r["metric"] == "kld"]
+    assert row["mean"] == "0.25" and math.isnan(float(row["std"])) and row["n"] == "1"
+    _, table = markdown_rows(open(written["report.md"]).read(), "## At the last")
+    assert table["naive"][4] == "0.25"
+
+
+def test_find_runs_expands_globs_in_order_without_repeats(tmp_path):
+    for name in ("b1", "b2", "a"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "b3.txt").write_text("not a directory")
+    found = report.find_runs([str(tmp_path / "a"), str(tmp_path / "b*"), str(tmp_path / "a")])
+    assert found == [str(tmp_path / n) for n in ("a", "b1", "b2")]
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_runs_of_different_data_sets_are_refused(tmp_path):
+    a = write_run(tmp_path / "a", rows=[{"kld": 1.0}])
+    b = write_run(tmp_path / "b", rows=[{"kld": 1.0}], data__name="mnist")
+    with pytest.raises(ValueError, match="different data sets") as e:
+        report.write_report([a, b], str(tmp_path / "out"))
+    assert a in str(e.value) and b in str(e.value)
+    assert "'digits'" in str(e.value) and "'mnist'" in str(e.value)
+
+
+def test_not_a_run_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no config.json: it is not a gdjax"):
+        report.write_report([str(tmp_path / "empty")], str(tmp_path / "out"))
+    started = write_run(tmp_path / "started", rows=[])
+    with pytest.raises(ValueError, match=r"started has no evaluated experience.*not a finished"):
+        report.write_report([started], str(tmp_path / "out"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(ValueError, match=r"other.config.json has no data.name"):
+        report.load_run(str(tmp_path / "other"))
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_no_runs_matched(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no runs matched"):
+        report.find_runs([str(tmp_path / "nothing*")])
+    with pytest.raises(ValueError, match="no runs given"):
+        report.find_runs(["", " "])
+    with pytest.raises(ValueError, match="no runs matched"):
+        report.write_report([], str(tmp_path / "out"))
+
+
+def test_same_seed_twice_is_refused(tmp_path):
+    a = write_run(tmp_path / "a", rows=[{"kld": 1.0}])
+    b = write_run(tmp_path / "copy_of_a", rows=[{"kld": 1.0}])
+    with pytest.raises(ValueError, match="seed 42") as e:
+        report.load_runs([a, b])
+    assert a in str(e.value) and b in str(e.value)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_tiny_digits_run_then_report_from_the_command_line(tmp_path):
+    """A real 2-experience run (fake, instant eval hook) reported by `python -m launch.report`."""
+    from gdjax import continual
+    from tests.test_continual import tiny_config
+
+    def hook(run, k, params):
+        del params
+        fractions = {f"gen_frac_class_{c}": 1.0 if c == run.experiences[k][0] else 0.0
+                     for c in range(10)}
+        return {"kld": 0.5 + k, "fd_classifier": 10.0 * (k + 1), **fractions}
+
+    workdir = str(tmp_path / "run")
+    config = tiny_config("naive")
+    config.solver.enabled = False  # the classifier trained alongside: tested elsewhere, slow
+    continual.train(config, workdir, eval_hook=hook)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "launch.report", f"--runs={tmp_path}/ru*",
+                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "1 runs -> 7 files" in result.stdout
+    rows = {(r["metric"], r["experience"]): r for r in read_csv(out / "per_experience.csv")}
+    assert float(rows["kld", "1"]["mean"]) == 1.5
+    assert float(rows["fd_classifier", "0"]["mean"]) == 10.0
+    _, table = markdown_rows((out / "report.md").read_text(), "## At the last")
+    assert table["naive"][1:] == ["1", "1", "10", "1.5", "20"]
+    with Image.open(out / "samples.png") as image:
+        assert 250 <= image.size[0] <= 350 and 250 <= image.size[1] <= 420
+    groups = report.load_runs([workdir])
+    gen, true = report._histogram_data(groups["naive"], 1)
+    first = continual.build(config, workdir).experiences[1][0]
+    assert gen[0, first] == 1.0 and true[0].sum() == pytest.approx(1.0)
