@@ -1,0 +1,75 @@
+"""The reproduction sweep (launch/reproduce.py): every (variant, seed) run, resumable, then
+one report."""
+
+import json
+import os
+
+import pytest
+
+from configs import base
+from gdjax import continual, sweep
+from gdjax.logs import read_metrics
+from tests.test_continual import tiny_config
+
+
+def make_runs(config, variants, seeds):
+    return sweep.make_runs(config, variants, seeds, with_variant=base.with_variant)
+
+
+def small_config():
+    c = tiny_config()
+    c.train.steps_per_experience = 2
+    c.solver.enabled = False
+    return c
+
+
+def test_runs_get_each_variant_and_seed():
+    runs = make_runs(small_config(), ["naive", "generative_distillation"], ["42", "7"])
+    assert [name for name, _ in runs] == ["naive_seed42", "naive_seed7",
+                                          "generative_distillation_seed42",
+                                          "generative_distillation_seed7"]
+    assert [(c.strategy.name, c.seed) for _, c in runs] == [
+        ("naive", 42), ("naive", 7), ("full_generation_distillation", 42),
+        ("full_generation_distillation", 7)]
+    with pytest.raises(ValueError, match="unknown config variant 'distil'"):
+        make_runs(small_config(), ["distil"], ["42"])
+
+
+def seed_hook(config):
+    """A stand-in evaluation: kld = seed / 1000 + experience, so the report's mean is known."""
+    return lambda run, k, params: {"kld": config.seed / 1000 + k}
+
+
+def test_sweep_trains_every_run_then_reports_and_a_rerun_trains_nothing(tmp_path):
+    runs = make_runs(small_config(), ["naive", "generative_replay"], ["42", "69"])
+    root = str(tmp_path / "sweep")
+    paths = sweep.run_sweep(runs, root, hook_fn=seed_hook)
+    for name, config in runs:
+        workdir = os.path.join(root, name)
+        assert [r["step"] for r in read_metrics(workdir, "train")] == [1, 2, 3, 4]
+        written = json.load(open(os.path.join(workdir, "config.json")))
+        assert (written["strategy"]["name"], written["seed"]) == (config.strategy.name,
+                                                                  config.seed)
+    rows = {}
+    with open(paths["last_experience.csv"]) as f:
+        header = f.readline().strip().split(",")
+        for line in f:
+            row = dict(zip(header, line.strip().split(",")))
+            rows[(row["strategy"], row["metric"])] = row
+    for strategy in ("naive", "no_distillation"):  # last experience: k = 1, seeds 42 and 69
+        assert rows[(strategy, "kld")]["n"] == "2"
+        assert float(rows[(strategy, "kld")]["mean"]) == pytest.approx((0.042 + 0.069) / 2 + 1)
+
+    calls = []
+    sweep.run_sweep(runs, root, hook_fn=seed_hook,
+                    train_fn=lambda c, w, eval_hook: calls.append(w) or
+                    continual.train(c, w, eval_hook=eval_hook))
+    assert len(calls) == 4  # each finished run is resumed at its end: no new rows
+    for name, _ in runs:
+        assert len(read_metrics(os.path.join(root, name), "train")) == 4
+
+
+def test_sweep_refuses_duplicate_names(tmp_path):
+    runs = make_runs(small_config(), ["naive"], ["42"])
+    with pytest.raises(ValueError, match="distinct names"):
+        sweep.run_sweep(runs + runs, str(tmp_path))
