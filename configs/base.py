@@ -79,6 +79,7 @@ def get_config() -> ConfigDict:
         batch_size=500,
         grid_samples=100,
         save_experience_params=True,  # experience_params/experience_<k>, for launch/evaluate
+        classifier="resnet18",  # resnet18 (REFERENCE §7) | simple_cnn: labels the samples
     ))
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.
     c.solver = ConfigDict(dict(

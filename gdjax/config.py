@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from gdjax import losses, strategies
+from gdjax.eval.classifier import ARCHITECTURES
 
 MODES = ("continual", "iid", "iid_distill")
 IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
@@ -63,6 +64,9 @@ def validate_config(config) -> None:
     _positive(d, ("image_size", "channels", "n_experiences", "prefetch"), "data")
     _positive(t, ("batch_size", "log_every", "checkpoint_every", "max_to_keep"), "train")
     _positive(e, ("steps", "num_samples", "batch_size", "grid_samples"), "eval")
+    _require(e.classifier in ARCHITECTURES,
+             f"eval.classifier={e.classifier!r} is unknown; use one of {ARCHITECTURES} "
+             f"(the network that labels samples and gives fd_classifier's features).")
     _require(t.steps_per_experience > 0 or t.epochs_per_experience > 0,
              "set train.steps_per_experience or train.epochs_per_experience to a positive value.")
     _require(isinstance(config.seed, int) and 0 <= config.seed < 2**31,

@@ -1,13 +1,15 @@
 """The evaluation run after every experience: sample the generator, label the samples, score.
 
 After experience k, `ClassifierEvalHook` draws `eval.num_samples` images with the DDIM
-sampler, labels them with the evaluation classifier (gdjax/eval/classifier.py) and compares
-them with the test images of the classes seen so far (REFERENCE §7):
+sampler, labels them with the evaluation classifier of `eval.classifier` (the ResNet-18 of
+REFERENCE §7 by default, or the small SimpleCNN; gdjax/eval/classifier.py) and compares them
+with the test images of the classes seen so far:
 
 - `kld`, `ard`: class balance, KL(true || generated) and half the L1 distance between the
   true and the generated class frequencies;
-- `fd_classifier`, `kid_classifier`: Fréchet and kernel distances on the classifier's 128-d
-  penultimate features (not Inception's, so not comparable with published FIDs);
+- `fd_classifier`, `kid_classifier`: Fréchet and kernel distances on the classifier's
+  penultimate features (512-d for the ResNet-18, 128-d for SimpleCNN). They work offline but
+  are not Inception's, so they are never comparable with published FIDs;
 - `gen_frac_class_<c>`: the fraction of samples labelled c, for every class;
 
 and draws `<workdir>/samples/histogram_experience_<k>.png` (true vs generated frequencies).
@@ -45,24 +47,25 @@ class Reference(NamedTuple):
     """What the samples are compared with: the test images of the classes seen."""
 
     freq: np.ndarray      # float64 [num_classes], true class frequencies
-    features: np.ndarray  # float32 [N, 128], classifier features
+    features: np.ndarray  # float32 [N, D], classifier features
     mu: np.ndarray
     sigma: np.ndarray
 
 
-def reference_statistics(params, images, labels, *, num_classes: int,
+def reference_statistics(variables, images, labels, *, arch: str, num_classes: int,
                          batch_size: int = 500) -> Reference:
-    """Class frequencies and feature statistics of real images [N, H, W, C] in [-1, 1]."""
-    _, features = cls.classify(params, images, batch_size=batch_size)
+    """Class frequencies and feature statistics of real images [N, H, W, C] in [-1, 1],
+    features from the `arch` classifier `variables`."""
+    _, features = cls.classify(variables, images, arch=arch, batch_size=batch_size)
     return Reference(metrics.class_frequencies(labels, num_classes), features,
                      *metrics.feature_statistics(features))
 
 
-def sample_statistics(params, samples, *, num_classes: int,
+def sample_statistics(variables, samples, *, arch: str, num_classes: int,
                       batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """(generated class frequencies [num_classes], features [N, 128]) of samples in [0, 1]."""
+    """(generated class frequencies [num_classes], features [N, D]) of samples in [0, 1]."""
     samples = np.asarray(samples, np.float32) * 2.0 - 1.0  # the classifier reads [-1, 1]
-    logits, features = cls.classify(params, samples, batch_size=batch_size)
+    logits, features = cls.classify(variables, samples, arch=arch, batch_size=batch_size)
     return metrics.class_frequencies(logits.argmax(-1), num_classes), features
 
 
@@ -80,10 +83,12 @@ def compare(reference: Reference, gen_freq: np.ndarray, gen_features: np.ndarray
     return out
 
 
-def evaluate_samples(params, samples, reference: Reference, *, seed: int = 0,
+def evaluate_samples(variables, samples, reference: Reference, *, arch: str, seed: int = 0,
                      batch_size: int = 500) -> dict[str, float]:
-    """`compare` applied to samples [N, H, W, C] in [0, 1] labelled by classifier `params`."""
-    gen_freq, features = sample_statistics(params, samples, num_classes=len(reference.freq),
+    """`compare` applied to samples [N, H, W, C] in [0, 1] labelled by the `arch`
+    classifier `variables`."""
+    gen_freq, features = sample_statistics(variables, samples, arch=arch,
+                                           num_classes=len(reference.freq),
                                            batch_size=batch_size)
     return compare(reference, gen_freq, features, seed=seed)
 
@@ -118,8 +123,9 @@ def save_histogram(path: str, true_freq, gen_freq, *, title: str = "") -> None:
 class ClassifierEvalHook:
     """The per-experience evaluation; a callable `EvalHook` for `continual.train`.
 
-    The classifier is read from `classifier_dir` at the first call (or, with
-    `train_if_missing`, trained there first); the test statistics are cached per class set.
+    The classifier (architecture `config.eval.classifier`) is read from `classifier_dir` at
+    the first call (or, with `train_if_missing`, trained there first); one of another
+    architecture or input size is refused. The test statistics are cached per class set.
     """
 
     def __init__(self, config, classifier_dir: str, *, train_if_missing: bool = False):
@@ -129,46 +135,47 @@ class ClassifierEvalHook:
         self._classifier = None
         self._references: dict[tuple, Reference] = {}
 
+    @property
+    def arch(self) -> str:
+        return self.config.eval.classifier
+
     def classifier(self) -> tuple[Any, dict]:
-        """(params, meta) of the evaluation classifier, loaded or trained once."""
+        """(variables, meta) of the evaluation classifier, loaded or trained once."""
         if self._classifier is None:
+            d = self.config.data
             try:
-                self._classifier = cls.load_classifier(self.classifier_dir)
+                self._classifier = cls.load_classifier(
+                    self.classifier_dir, architecture=self.arch, image_size=d.image_size,
+                    channels=d.channels)
             except FileNotFoundError:
                 if not self.train_if_missing:
                     raise
-                log.info("training the evaluation classifier into %s", self.classifier_dir)
-                self._classifier = cls.train_for_config(self.config, self.classifier_dir)
-            self._check(self._classifier[1])
+                log.info("training the evaluation classifier (%s) into %s", self.arch,
+                         self.classifier_dir)
+                self._classifier = cls.train_for_config(self.config, self.classifier_dir,
+                                                        arch=self.arch)
         return self._classifier
-
-    def _check(self, meta: dict) -> None:
-        d = self.config.data
-        if (meta["image_size"], meta["channels"]) != (d.image_size, d.channels):
-            raise ValueError(
-                f"the classifier in {self.classifier_dir} reads {meta['image_size']}px images "
-                f"with {meta['channels']} channel(s), but the run has {d.image_size}px and "
-                f"{d.channels}: retrain it with `python -m launch.train_classifier`.")
 
     def reference(self, test: gdata.ImageSplit, classes) -> Reference:
         key = tuple(sorted(int(c) for c in classes))
         if key not in self._references:
-            params, meta = self.classifier()
+            variables, meta = self.classifier()
             seen = test.select(key)
             self._references[key] = reference_statistics(
-                params, seen.images, seen.labels, num_classes=meta["num_classes"],
-                batch_size=self.config.eval.batch_size)
+                variables, seen.images, seen.labels, arch=self.arch,
+                num_classes=meta["num_classes"], batch_size=self.config.eval.batch_size)
         return self._references[key]
 
     def __call__(self, run, k: int, gen_params) -> dict[str, float]:
         e = run.config.eval
-        params, meta = self.classifier()
+        variables, meta = self.classifier()
         rng = jax.random.fold_in(jax.random.key(run.config.seed), _EVAL_RNG_OFFSET + k)
         samples = generate.generate(run.apply_fn, gen_params, run.schedule, rng,
                                     num=e.num_samples, image_shape=run.image_shape,
                                     num_steps=e.steps, eta=e.eta, batch_size=e.batch_size)
         ref = self.reference(run.test, gdata.seen_classes(run.experiences, k))
-        gen_freq, features = sample_statistics(params, samples, num_classes=meta["num_classes"],
+        gen_freq, features = sample_statistics(variables, samples, arch=self.arch,
+                                               num_classes=meta["num_classes"],
                                                batch_size=e.batch_size)
         save_histogram(os.path.join(run.workdir, "samples", f"histogram_experience_{k}.png"),
                        ref.freq, gen_freq,
@@ -179,9 +186,10 @@ class ClassifierEvalHook:
 def default_eval_hook(config) -> ClassifierEvalHook | None:
     """The evaluation hook for `config`, or None (with a warning) when it cannot have one.
 
-    The classifier lives in `classifier.default_classifier_dir(config)`. For the digits a
-    missing one is trained there at the first evaluation (about 20 s on 2 CPU cores); for
-    other data sets the run goes on without these metrics until
+    The classifier lives in `classifier.default_classifier_dir(config)` (one directory per
+    architecture). For the digits a missing one is trained there at the first evaluation
+    (the ResNet-18 in about a minute on 2 CPU cores, SimpleCNN in about 20 s); for other
+    data sets the run goes on without these metrics until
     `python -m launch.train_classifier --config ...` has written it.
     """
     path = cls.default_classifier_dir(config)
