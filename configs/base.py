@@ -79,6 +79,8 @@ def get_config() -> ConfigDict:
         batch_size=500,
         grid_samples=100,
         save_experience_params=True,  # experience_params/experience_<k>, for launch/evaluate
+        fid=True,               # Inception FID/KID when the converted weights are present
+        inception_dir="",       # "": $GDJAX_INCEPTION_DIR or ~/.cache/gdjax/inception
         classifier="resnet18",  # resnet18 (REFERENCE §7) | simple_cnn: labels the samples
     ))
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.

@@ -46,6 +46,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gdjax import hosts
+
 _STATE, _META, _MANIFEST = "state", "meta", "manifest"
 _MANIFEST_FORMAT = 1
 _TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX
@@ -130,13 +132,14 @@ def _host_copy(name: str, leaf) -> np.ndarray:
             raise TypeError(
                 f"{name!r} is a typed PRNG key; save jax.random.key_data(key) instead"
             )
-        if not leaf.is_fully_addressable:
+        if not (leaf.is_fully_addressable or leaf.is_fully_replicated):
             raise NotImplementedError(
-                f"{name!r} spans several processes; this checkpointer is single-process"
+                f"{name!r} is sharded across processes; this checkpointer saves replicated "
+                f"or single-process arrays"
             )
     elif not isinstance(leaf, (np.ndarray, np.generic, bool, int, float)):
         raise TypeError(f"{name!r}: cannot checkpoint a leaf of type {type(leaf).__name__}")
-    return np.array(leaf, copy=True)
+    return hosts.host_copy(leaf)
 
 
 def _snapshot(state) -> tuple[Any, dict]:
@@ -266,8 +269,12 @@ class Checkpointer:
             # a failure before save() returns orphans commit threads that wait for a
             # "directory created" signal and hold the interpreter open at exit.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-            create=True,
+            # Several hosts: process 0 writes alone, the others only read (gdjax/hosts.py).
+            # Orbax then leaves creating the root directory to us.
+            multiprocessing_options=hosts.local_orbax_options(),
+            create=False,
         )
+        self.directory.mkdir(parents=True, exist_ok=True)
         handlers = {
             _STATE: ocp.handlers.StandardCheckpointHandler(),
             _META: ocp.handlers.JsonCheckpointHandler(),
@@ -287,6 +294,8 @@ class Checkpointer:
         """
         self._check_open()
         step = operator.index(step)
+        if not hosts.is_writer():
+            return  # process 0 writes the checkpoint every process reads
         self.wait()
         meta = _check_json(meta)
         orbax_tree, manifest = _snapshot(state)

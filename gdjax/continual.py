@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
-from gdjax import generate, strategies, unet
+from gdjax import generate, hosts, strategies, unet
 from gdjax.checkpoint import Checkpointer, config_fingerprint
 from gdjax.config import validate_config
 from gdjax.convert import restore_params, save_params
@@ -361,9 +361,10 @@ def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
                                jax.random.fold_in(jax.random.key(run.config.seed), 10_000 + k),
                                num=e.grid_samples, image_shape=run.image_shape,
                                num_steps=e.steps, eta=e.eta, batch_size=e.grid_samples)
-    save_image_grid(images, os.path.join(run.workdir, "samples", f"experience_{k}.png"),
-                    upscale=max(1, 64 // run.image_shape[0]))
-    if e.save_experience_params:
+    if hosts.is_writer():
+        save_image_grid(images, os.path.join(run.workdir, "samples", f"experience_{k}.png"),
+                        upscale=max(1, 64 // run.image_shape[0]))
+    if e.save_experience_params and hosts.is_writer():
         # Before the row is logged: a run killed in between saves them again on resume.
         save_params(experience_params_dir(run.workdir, k), params, run.unet_config)
     row = {"experience": k, "classes_seen": len(gdata.seen_classes(run.experiences, k))}
@@ -437,9 +438,10 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     samples, final params), so a workdir of another config can be reused.
     """
     run = build(config, workdir)
-    if overwrite:
+    if overwrite and hosts.is_writer():
         wipe_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
+    hosts.barrier("gdjax: workdir ready")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
     state, teacher = initial_state(run)
     solver = initial_solver(run)
@@ -450,10 +452,13 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
         state, teacher, rng, solver, meta = restored
         k, start = meta["experience"], meta["step_in_experience"]
         log.info("resuming %s at experience %d, step %d", workdir, k, start)
-    resume_step = _resume_step(run, restored, state)
-    logger = MetricLogger(workdir, resume_step=resume_step,
-                          tensorboard=config.log.tensorboard, wandb=config.log.wandb,
-                          config=config.to_dict())
+    # Every process has read the checkpoint before process 0 writes (and prunes) any.
+    hosts.barrier("gdjax: restored")
+    logger = _NullLogger()
+    if hosts.is_writer():
+        logger = MetricLogger(workdir, resume_step=_resume_step(run, restored, state),
+                              tensorboard=config.log.tensorboard, wandb=config.log.wandb,
+                              config=config.to_dict())
     tr = Trainer(run, ckpt, logger, state, teacher, rng, solver)
     try:
         for k in range(k, len(run.experiences)):
@@ -468,7 +473,7 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
             # Placed like the step's output: an uncommitted scalar here made the second
             # step of every experience compile the step again.
             tr.state = tr.state._replace(
-                experience=jax.device_put(jnp.int32(k), run.replicated))
+                experience=jax.device_put(np.int32(k), run.replicated))
             train_experience(tr, k, start)
             end_experience(tr, k, eval_hook)
             start = 0
@@ -477,8 +482,22 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
         logger.close()
     # The final model on its own, in the format launch/convert.py writes: a teacher for
     # train.mode="iid_distill" or for evaluation.
-    save_params(os.path.join(workdir, "final_params"), tr.state.params, run.unet_config)
+    if hosts.is_writer():
+        save_params(os.path.join(workdir, "final_params"), tr.state.params, run.unet_config)
     return tr.state
+
+
+class _NullLogger:
+    """The logger of processes other than 0 in a multi-host run: process 0 writes the rows."""
+
+    def write(self, stream, step, metrics) -> None:
+        del stream, step, metrics
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # What a run writes into its workdir; `overwrite` deletes exactly these.

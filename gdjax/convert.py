@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from gdjax import hosts
 from gdjax.unet import UNetConfig, param_shapes
 
 CONFIG_FILE = "config.json"
@@ -164,7 +165,9 @@ def save_params(path, params, config: UNetConfig) -> None:
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    params = jax.tree.map(hosts.host_copy, params)  # also replicated multi-host arrays
+    with ocp.StandardCheckpointer(
+            multiprocessing_options=hosts.local_orbax_options()) as checkpointer:
         checkpointer.save(path / _PARAMS_DIR, params, force=True)
         checkpointer.wait_until_finished()
     (path / GDJAX_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -179,6 +182,7 @@ def restore_params(path) -> tuple[UNetConfig, dict]:
             raise FileNotFoundError(f"not a gdjax params checkpoint, missing {needed}")
     config = UNetConfig(**json.loads((path / GDJAX_CONFIG_FILE).read_text()))
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(config))
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(
+            multiprocessing_options=hosts.local_orbax_options()) as checkpointer:
         params = checkpointer.restore(path / _PARAMS_DIR, target)
     return config, params

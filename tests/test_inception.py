@@ -4,6 +4,7 @@ against float64 numpy, torchmetrics' [0, 1] -> uint8 step, FID of feature sets, 
 errors for missing weights, wrong weight files and bad images."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -416,3 +417,48 @@ def test_wrong_saved_params_are_named(tmp_path):
 def test_bad_images_are_refused_before_any_work(images, problem):
     with pytest.raises(ValueError, match=problem):
         inception.pool_features(None, images)
+
+
+# ----------------------------------------------------------------------------- in the hook
+
+def test_default_hook_loads_the_weights_and_goes_on_without_them(converted, tmp_path, caplog):
+    from configs import split_fmnist
+    from gdjax.eval import hooks
+    config = split_fmnist.get_config()
+    config.data.data_dir = str(tmp_path / "no_data")  # no evaluation classifier there
+    config.eval.inception_dir = str(converted[0])
+    hook = hooks.default_eval_hook(config)
+    assert hook is not None and hook.classifier_dir is None and hook.fid is not None
+    config.eval.inception_dir = str(tmp_path / "no_weights")
+    with caplog.at_level(logging.WARNING):
+        assert hooks.default_eval_hook(config) is None  # neither classifier nor weights
+    assert "convert_inception" in caplog.text
+
+
+def test_fid_part_of_the_hook_against_a_direct_computation(monkeypatch):
+    """The hook puts real images on the uint8 grid, picks the seen classes, caches their
+    features and reports FID and KID of the two feature sets (features here: a cheap
+    stand-in for the network, which the tests above check)."""
+    from gdjax import data as gdata
+    from gdjax.eval import hooks
+
+    def fake_features(params, images, *, batch_size):
+        x = np.asarray(images, np.float64).reshape(len(images), -1)
+        return np.stack([x.mean(1), x.std(1), x[:, 0], x[:, -1]], 1).astype(np.float32)
+
+    monkeypatch.setattr(inception, "pool_features", fake_features)
+    rng = np.random.default_rng(0)
+    test = gdata.ImageSplit(rng.uniform(-1, 1, (40, 4, 4, 1)).astype(np.float32),
+                            np.repeat(np.arange(4), 10))
+    samples = rng.uniform(0, 1, (30, 4, 4, 1)).astype(np.float32)
+    fid = hooks.InceptionFID(params=None)
+    got = fid(test, [2, 0], samples, seed=3)
+    real01 = np.round((test.images[np.isin(test.labels, [0, 2])] + 1) / 2 * 255) / 255
+    real = fake_features(None, real01, batch_size=1)
+    fake = fake_features(None, samples, batch_size=1)
+    assert got["fid"] == pytest.approx(metrics.frechet_distance(
+        *metrics.feature_statistics(real), *metrics.feature_statistics(fake)), rel=1e-6)
+    assert got["kid"] == pytest.approx(metrics.kid(real, fake, subsets=hooks.KID_SUBSETS,
+                                                   subset_size=hooks.KID_SUBSET_SIZE,
+                                                   seed=3)[0], rel=1e-6)
+    assert list(fid._real) == [(0, 2)]

@@ -12,6 +12,11 @@ with the test images of the classes seen so far:
   are not Inception's, so they are never comparable with published FIDs;
 - `gen_frac_class_<c>`: the fraction of samples labelled c, for every class;
 
+- `fid`, `kid`: FID and KID on Inception-v3 pool features (REFERENCE §7, as torchmetrics
+  computes them) when `eval.fid` is on and the converted Inception weights are present
+  (gdjax/eval/inception.py says how to get them); without them these two are left out
+  with one warning, and everything else still runs;
+
 and draws `<workdir>/samples/histogram_experience_<k>.png` (true vs generated frequencies).
 The per-class-set test statistics and the classifier are computed or loaded once per run.
 """
@@ -27,9 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from gdjax import data as gdata
-from gdjax import generate
+from gdjax import generate, hosts
 from gdjax.eval import classifier as cls
-from gdjax.eval import metrics
+from gdjax.eval import inception, metrics
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,40 @@ def save_histogram(path: str, true_freq, gen_freq, *, title: str = "") -> None:
 
 # ----------------------------------------------------------------------------- the hook
 
+class InceptionFID:
+    """FID and KID of samples against the test images of the classes seen (Inception-v3).
+
+    The real images' features are computed once per class set. Real images (stored in
+    [-1, 1]) are put on the uint8 grid first, as the baseline's real images are (PIL
+    resizes them in uint8 and ToTensor divides by 255), so the truncation in
+    `inception.to_uint8` keeps them exactly.
+    """
+
+    def __init__(self, params, *, batch_size: int = 100):
+        self.params = params
+        self.batch_size = batch_size
+        self._real: dict[tuple, np.ndarray] = {}
+
+    def real_features(self, test: gdata.ImageSplit, classes) -> np.ndarray:
+        key = tuple(sorted(int(c) for c in classes))
+        if key not in self._real:
+            images = np.clip((test.select(key).images + 1.0) / 2.0, 0.0, 1.0)
+            images = np.round(images * 255.0).astype(np.float32) / 255.0
+            self._real[key] = inception.pool_features(self.params, images,
+                                                      batch_size=self.batch_size)
+        return self._real[key]
+
+    def __call__(self, test: gdata.ImageSplit, classes, samples01, *,
+                 seed: int = 0) -> dict[str, float]:
+        real = self.real_features(test, classes)
+        fake = inception.pool_features(self.params, samples01, batch_size=self.batch_size)
+        kid_mean, _ = metrics.kid(real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
+                                  seed=seed)
+        return {"fid": metrics.frechet_distance(*metrics.feature_statistics(real),
+                                                *metrics.feature_statistics(fake)),
+                "kid": kid_mean}
+
+
 class ClassifierEvalHook:
     """The per-experience evaluation; a callable `EvalHook` for `continual.train`.
 
@@ -128,10 +167,12 @@ class ClassifierEvalHook:
     architecture or input size is refused. The test statistics are cached per class set.
     """
 
-    def __init__(self, config, classifier_dir: str, *, train_if_missing: bool = False):
+    def __init__(self, config, classifier_dir: str | None, *, train_if_missing: bool = False,
+                 fid: InceptionFID | None = None):
         self.config = config
-        self.classifier_dir = classifier_dir
+        self.classifier_dir = classifier_dir  # None: no classifier metrics
         self.train_if_missing = train_if_missing
+        self.fid = fid
         self._classifier = None
         self._references: dict[tuple, Reference] = {}
 
@@ -168,18 +209,28 @@ class ClassifierEvalHook:
 
     def __call__(self, run, k: int, gen_params) -> dict[str, float]:
         e = run.config.eval
-        variables, meta = self.classifier()
         rng = jax.random.fold_in(jax.random.key(run.config.seed), _EVAL_RNG_OFFSET + k)
         samples = generate.generate(run.apply_fn, gen_params, run.schedule, rng,
                                     num=e.num_samples, image_shape=run.image_shape,
                                     num_steps=e.steps, eta=e.eta, batch_size=e.batch_size)
-        ref = self.reference(run.test, gdata.seen_classes(run.experiences, k))
+        seen = gdata.seen_classes(run.experiences, k)
+        out = {}
+        if self.classifier_dir is not None:
+            out.update(self._classifier_metrics(run, k, samples, seen))
+        if self.fid is not None:
+            out.update(self.fid(run.test, seen, samples, seed=run.config.seed + k))
+        return out
+
+    def _classifier_metrics(self, run, k: int, samples, seen) -> dict[str, float]:
+        variables, meta = self.classifier()
+        ref = self.reference(run.test, seen)
         gen_freq, features = sample_statistics(variables, samples, arch=self.arch,
                                                num_classes=meta["num_classes"],
-                                               batch_size=e.batch_size)
-        save_histogram(os.path.join(run.workdir, "samples", f"histogram_experience_{k}.png"),
-                       ref.freq, gen_freq,
-                       title=f"experience {k}: true (grey) vs generated (orange)")
+                                               batch_size=run.config.eval.batch_size)
+        if hosts.is_writer():
+            save_histogram(os.path.join(run.workdir, "samples",
+                                        f"histogram_experience_{k}.png"), ref.freq, gen_freq,
+                           title=f"experience {k}: true (grey) vs generated (orange)")
         return compare(ref, gen_freq, features, seed=run.config.seed + k)
 
 
@@ -190,7 +241,9 @@ def default_eval_hook(config) -> ClassifierEvalHook | None:
     architecture). For the digits a missing one is trained there at the first evaluation
     (the ResNet-18 in about a minute on 2 CPU cores, SimpleCNN in about 20 s); for other
     data sets the run goes on without these metrics until
-    `python -m launch.train_classifier --config ...` has written it.
+    `python -m launch.train_classifier --config ...` has written it. FID is added when
+    `eval.fid` is on and the Inception weights are in `eval.inception_dir` (default:
+    `inception.default_inception_dir()`).
     """
     path = cls.default_classifier_dir(config)
     trainable = config.data.name == "digits"
@@ -198,5 +251,11 @@ def default_eval_hook(config) -> ClassifierEvalHook | None:
         log.warning("no evaluation classifier in %s: this run reports no kld/ard/fd_classifier "
                     "metrics. Train one with `python -m launch.train_classifier --config "
                     "<this config>`.", path)
+        path = None
+    fid = None
+    if config.eval.fid:
+        params = inception.maybe_load_inception(config.eval.inception_dir or None)
+        fid = None if params is None else InceptionFID(params)
+    if path is None and fid is None:
         return None
-    return ClassifierEvalHook(config, path, train_if_missing=trainable)
+    return ClassifierEvalHook(config, path, train_if_missing=trainable, fid=fid)
