@@ -23,7 +23,8 @@ def get_config(variant: str = "generative_distillation"):
     c.eval.num_samples = 1000
     c.eval.batch_size = 500
     c.eval.fid = False  # Inception at 299 px costs ~0.3 s per image on a CPU core
-    # ~290 images per experience: 10 epochs of 64 (40 steps, each replaying 64 images).
+    # ~290 images per experience: 10 epochs of 16 (180 steps, each replaying 16 images).
+    # 40 steps of 64 were too few: the solver fell to one class once replay began.
     c.solver.epochs = 10
-    c.solver.batch_size = 64
+    c.solver.batch_size = 16
     return base.with_variant(c, variant)

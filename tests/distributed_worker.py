@@ -1,6 +1,7 @@
 """One process of the multi-process train-step test (tests/test_distributed.py).
 
     python -m tests.distributed_worker --process_id=0 --num_processes=2 --port=12345 --out=DIR
+    python -m tests.distributed_worker ... --loop_workdir=W    # a whole continual.train run
 
 Every process builds the same global ('data',) mesh over all devices of all processes,
 keeps only its own rows of each global batch (`local_rows`), assembles the global batch
@@ -105,12 +106,22 @@ def run(mesh, sharding, rows: slice):
     return np.stack(losses), np.stack(grad_norms), np.stack(fed), params
 
 
+def loop_config():
+    """A tiny 2-experience digits run (the test compares it with one process)."""
+    from tests.test_continual import tiny_config
+    c = tiny_config()
+    c.solver.enabled = False
+    c.eval.save_experience_params = False
+    return c
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--process_id", type=int, required=True)
     parser.add_argument("--num_processes", type=int, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--loop_workdir", default="")
     args = parser.parse_args()
 
     import jax
@@ -125,6 +136,12 @@ def main() -> None:
     assert jax.process_count() == args.num_processes, jax.process_count()
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} "
           f"of {jax.device_count()} devices, ready at {time.time() - T0:.1f} s", flush=True)
+    if args.loop_workdir:
+        from gdjax import continual
+        continual.train(loop_config(), args.loop_workdir)  # one workdir, shared by both
+        jax.distributed.shutdown()
+        print(f"process {args.process_id}: loop done at {time.time() - T0:.1f} s", flush=True)
+        return
     from gdjax import data as gdata
     from jax.sharding import AxisType
 

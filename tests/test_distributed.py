@@ -47,10 +47,8 @@ def output_of(logs) -> str:
     return "\n".join(f"--- process {i}, last 3000 chars ---\n{t}" for i, t in enumerate(tails))
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """{process id: its npz} from one 2-process run; fails with both processes' output."""
-    out = tmp_path_factory.mktemp("distributed")
+def start_processes(out, *extra):
+    """Runs the worker in PROCESSES processes; fails with their output unless all exit 0."""
     port = free_port()
     logs = [str(out / f"process_{i}.log") for i in range(PROCESSES)]
     procs = []
@@ -58,7 +56,7 @@ def results(tmp_path_factory):
         with open(logs[i], "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tests.distributed_worker", f"--process_id={i}",
-                 f"--num_processes={PROCESSES}", f"--port={port}", f"--out={out}"],
+                 f"--num_processes={PROCESSES}", f"--port={port}", f"--out={out}", *extra],
                 cwd=ROOT, env=worker_env(), stdout=log, stderr=subprocess.STDOUT))
     try:
         for p in procs:
@@ -73,6 +71,13 @@ def results(tmp_path_factory):
                 p.wait()
     codes = [p.returncode for p in procs]
     assert codes == [0] * PROCESSES, f"exit codes {codes}\n" + output_of(logs)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{process id: its npz} from one 2-process run; fails with both processes' output."""
+    out = tmp_path_factory.mktemp("distributed")
+    start_processes(out)
     return {i: dict(np.load(out / f"process_{i}.npz")) for i in range(PROCESSES)}
 
 
@@ -128,3 +133,24 @@ def test_two_processes_train_like_one(results, reference):
     delta, delta_ref = update(got), update(want)
     rel = np.linalg.norm(delta - delta_ref) / np.linalg.norm(delta_ref)
     assert rel < 1e-3, f"relative difference of the 3-step update {rel:.2e} (measured ~1e-4)"
+
+
+def test_a_whole_run_on_two_processes_writes_once_and_ends_like_one(tmp_path):
+    """continual.train on 2 processes sharing one workdir: process 0 writes the checkpoints,
+    rows and params; the run ends like one process's (Adam rounding as above)."""
+    from gdjax import continual
+    from gdjax.convert import restore_params
+    from gdjax.logs import read_metrics
+    shared, alone = tmp_path / "shared", str(tmp_path / "alone")
+    start_processes(tmp_path, f"--loop_workdir={shared}")
+    continual.train(worker.loop_config(), alone)
+    rows, want = read_metrics(shared, "train"), read_metrics(alone, "train")
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, 9))
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want], rtol=1e-4)
+    got = worker.flat_params(restore_params(shared / "final_params")[1])
+    ref = worker.flat_params(restore_params(os.path.join(alone, "final_params"))[1])
+    for name in ref:
+        if not name.endswith("to_k/bias"):
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    assert sorted(os.listdir(shared / "checkpoints")) == sorted(
+        os.listdir(os.path.join(alone, "checkpoints")))
