@@ -98,3 +98,31 @@ def _validate_solver(v) -> None:
              f"must be > 0.")
     _require(isinstance(v.replay_size, int) and v.replay_size >= 0,
              f"solver.replay_size={v.replay_size!r} must be an integer >= 0 (0: batch size).")
+
+
+def define_config_flag(default: str, help_string: str):
+    """`--config` as a locked ml_collections config file flag (launch/*.py).
+
+    ml_collections applies `--config.x.y=...` overrides while the flag is defined and
+    reports a misspelt key with a three-part traceback; this turns that into one line
+    naming the override, the suggestion and where the keys are defined (exit status 1).
+    """
+    import sys
+
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_string, lock_config=True)
+    except (AttributeError, KeyError) as e:
+        raise SystemExit(_unknown_key_message(str(e), sys.argv[1:])) from None
+
+
+def _unknown_key_message(error: str, argv: list[str]) -> str:
+    # ml_collections' text, nested in reprs: "'\\'batchsize\\'\\nDid you mean ...?'"
+    text = error.replace("\\n", "\n").replace("\\'", "'").strip("'\"")
+    key, _, hint = text.partition("\n")
+    key = key.strip("'\"").split('"')[1] if key.startswith("Key") else key.strip("'\"")
+    given = [a for a in argv if a.startswith("--config.")
+             and key in a.split("=", 1)[0][len("--config."):].split(".")]
+    where = f" in {given[0]}" if given else ""
+    return (f"gdjax: unknown config key {key!r}{where}. {hint.strip()} "
+            f"Every key is defined, with its default, in configs/base.py.").replace("  ", " ")

@@ -15,14 +15,13 @@ from gdjax import xla_flags
 xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from gdjax import continual  # noqa: E402
+from gdjax.config import define_config_flag  # noqa: E402
 from gdjax.eval import hooks  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file[:variant].",
-                                lock_config=True)
+define_config_flag(_DEFAULT_CONFIG, "Run config file[:variant].")
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
                     "(default: runs/<config>_<variant>_seed<seed>).")
 flags.DEFINE_bool("overwrite", False, "Delete the workdir's checkpoints, metrics and samples "

@@ -15,13 +15,12 @@ gdjax/eval/classifier.py) unless --output says otherwise; the test accuracy is p
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from gdjax.config import define_config_flag
 from gdjax.eval import classifier
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file[:variant].",
-                                lock_config=True)
+define_config_flag(_DEFAULT_CONFIG, "Run config file[:variant].")
 flags.DEFINE_enum("arch", None, list(classifier.ARCHITECTURES),
                   "Classifier architecture (default: the config's eval.classifier).")
 flags.DEFINE_string("output", None, "Directory to save to (default: the config's classifier "

@@ -81,6 +81,24 @@ def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
     assert rows_whole == rows_resumed
 
 
+def test_checkpoints_every_n_steps_and_at_each_experience_end(tmp_path, monkeypatch):
+    saved = []
+    real_save = continual.Checkpointer.save
+
+    def recording_save(self, step, tree, meta):
+        saved.append((step, meta["experience"], meta["step_in_experience"], sorted(tree)))
+        return real_save(self, step, tree, meta)
+
+    monkeypatch.setattr(continual.Checkpointer, "save", recording_save)
+    continual.train(tiny_config(), str(tmp_path))  # 2 x 4 steps, checkpoint_every=3
+    everything = ["rng", "solver", "state", "teacher"]
+    # (global step, experience and step it resumes at): after step 3 of each experience,
+    # and at each experience's end (resuming at the next experience's step 0).
+    assert saved == [(3, 0, 3, everything), (4, 1, 0, everything), (7, 1, 3, everything),
+                     (8, 2, 0, everything)]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["7", "8"]  # max_to_keep=2
+
+
 def test_workdir_of_another_config_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
     continual.train(tiny_config("naive"), workdir)
@@ -106,8 +124,41 @@ def test_bad_values_fail_before_anything_runs(key, value, message, tmp_path):
 
 def test_misspelt_key_is_an_error():
     c = split_digits.get_config()
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
         c.train.batchsize = 3
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("--config.train.batchsize=3", "batchsize", "batch_size"),
+    ("--config.trian.batch_size=3", "trian", "train"),
+])
+def test_misspelt_override_on_the_command_line_is_one_clear_line(override, key, hint, tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "launch.train", override,
+                          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"gdjax: unknown config key {key!r} in {override}. Did you mean \"{hint}\" instead of "
+        f"\"{key}\"? Every key is defined, with its default, in configs/base.py."]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_replay_rows_not_divisible_by_the_devices_fail_before_loading(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    four_devices = SimpleNamespace(mesh=SimpleNamespace(shape={"data": 4}))
+    monkeypatch.setattr(continual.gdata, "data_sharding", lambda: four_devices)
+    monkeypatch.setattr(continual.gdata, "load_dataset", lambda *a, **k: pytest.fail("loaded"))
+    c = tiny_config()
+    c.strategy.replay_size = 6
+    with pytest.raises(ValueError, match="strategy.replay_size 6 is not divisible by the 4 "
+                                         "devices.*e.g. 4 or 8"):
+        continual.build(c, str(tmp_path))
+    c.strategy.replay_size, c.train.batch_size = 0, 10
+    with pytest.raises(ValueError, match="train.batch_size 10 is not divisible by the 4"):
+        continual.build(c, str(tmp_path))
 
 
 def test_bad_class_order_and_unknown_variant(tmp_path):
@@ -119,20 +170,31 @@ def test_bad_class_order_and_unknown_variant(tmp_path):
         split_digits.get_config("distil")
 
 
-def test_iid_training_then_distillation_into_a_fresh_student(tmp_path):
-    teacher_run = str(tmp_path / "iid")
-    c = tiny_config("naive", mode="iid")
-    state = continual.train(c, teacher_run)
+@pytest.fixture(scope="module")
+def iid_teacher(tmp_path_factory):
+    """A run of train.mode="iid": (its workdir, its final state)."""
+    teacher_run = str(tmp_path_factory.mktemp("iid"))
+    state = continual.train(tiny_config("naive", mode="iid"), teacher_run)
+    return teacher_run, state
+
+
+def test_iid_training_is_one_experience_of_every_class(iid_teacher):
+    teacher_run, state = iid_teacher
     assert int(state.step) == 4  # one experience holding every class
     assert read_metrics(teacher_run, "experience")[0]["classes_seen"] == 10
 
-    c = tiny_config("gaussian_distillation", mode="iid_distill",
-                    teacher_dir=os.path.join(teacher_run, "final_params"))
+
+@pytest.mark.parametrize("name", ["gaussian_distillation", "full_generation_distillation",
+                                  "partial_generation_distillation"])
+def test_iid_distillation_into_a_fresh_student(name, iid_teacher, tmp_path):
+    teacher_run, teacher = iid_teacher
+    c = tiny_config(name, mode="iid_distill", teacher_dir=os.path.join(teacher_run, "final_params"))
     student = continual.train(c, str(tmp_path / "distill"))
     rows = read_metrics(str(tmp_path / "distill"), "train")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["data_loss"] == 0 and r["replay_loss"] > 0 for r in rows)
-    assert rows[0]["loss"] == rows[0]["replay_loss"]
-    moved = [float(np.abs(a - b).max()) for a, b in zip(leaves(student.params), leaves(state.params))]
+    assert all(r["loss"] == r["replay_loss"] for r in rows)  # no real rows, no weighting
+    moved = [float(np.abs(a - b).max()) for a, b in zip(leaves(student.params), leaves(teacher.params))]
     assert max(moved) > 0
 
     c.train.teacher_dir = str(tmp_path / "nowhere")
