@@ -94,7 +94,10 @@ def build(config, workdir: str) -> Run:
             f"{unet_config.in_channels} channel(s), but data.image_size={d.image_size}, "
             f"data.channels={d.channels}: make them agree.")
     sharding = gdata.data_sharding()
-    gdata.check_batch_size(t.batch_size, sharding.mesh.shape["data"])
+    devices = sharding.mesh.shape["data"]
+    gdata.check_batch_size(t.batch_size, devices, "train.batch_size")
+    if config.strategy.replay_size:  # the replay rows are sharded like the batch
+        gdata.check_batch_size(config.strategy.replay_size, devices, "strategy.replay_size")
     train, test = gdata.load_dataset(d.name, source=d.source, data_dir=d.data_dir or None,
                                      image_size=d.image_size, channels=d.channels)
     order = gdata.resolve_class_order(len(train.classes), seed=config.seed,
@@ -297,14 +300,20 @@ def _uses_replay(run: Run, k: int) -> bool:
     return k > 0 and run.strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE)
 
 
-def _check_finite(metrics: dict, k: int, step: int, global_step: int) -> None:
-    """Raises NonFiniteLossError if a metric is NaN or inf (train.on_nan="stop")."""
+def _check_finite(metrics: dict, k: int, step: int, global_step: int, since: int) -> None:
+    """Raises NonFiniteLossError if a metric is NaN or inf (train.on_nan="stop").
+
+    `since`: the 0-based step of the previous (finite) check in this experience, or -1.
+    """
     bad = [name for name, v in metrics.items() if not np.isfinite(v)]
     if not bad:
         return
+    first = step if since == step - 1 else f"{since + 1}..{step}"
     raise NonFiniteLossError(
-        f"non-finite {', '.join(bad)} at experience {k}, step {step} (global step {global_step}); "
-        f"the last good checkpoint is kept. Lower train.learning_rate or check the data.")
+        f"non-finite {', '.join(bad)} at experience {k}, step {step} (global step {global_step}; "
+        f"it first appeared at step {first}: metrics are checked at logging and checkpoint "
+        f"steps); the last good checkpoint is kept. Lower train.learning_rate, check the data, "
+        f"or set train.on_nan='skip' to drop such updates.")
 
 
 def train_experience(tr: Trainer, k: int, start: int) -> None:
@@ -320,7 +329,7 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                                    num_steps=total, flip=run.config.data.flip,
                                    sharding=run.sharding, prefetch=run.config.data.prefetch)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
-    reported, skipped = start, jnp.int32(0)
+    reported, checked, skipped = start, start - 1, jnp.int32(0)
     with batches:
         for s in range(start, total):
             batch = {"image": next(batches)["image"]}
@@ -335,7 +344,8 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
             values = {name: float(v) for name, v in jax.device_get(metrics).items()}
             if t.on_nan == "stop":
                 # Also before a checkpoint: a NaN between logging steps must never be saved.
-                _check_finite(values, k, s, int(tr.state.step))
+                _check_finite(values, k, s, int(tr.state.step), since=checked)
+                checked = s
             if logs:
                 if t.on_nan == "skip":
                     values["skipped"], skipped = int(skipped), jnp.int32(0)

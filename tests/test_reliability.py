@@ -275,13 +275,34 @@ def test_nan_stops_with_experience_and_step_and_keeps_good_checkpoints(tmp_path,
     # NaN at step 1, next logged at step 3: the check before the step-2 checkpoint catches it.
     config = tiny_config(log_every=4, checkpoint_every=2)
     _poison_batch(monkeypatch, at_step=1)
-    with pytest.raises(continual.NonFiniteLossError, match="experience 0, step 1"):
+    with pytest.raises(continual.NonFiniteLossError,
+                       match=r"experience 0, step 1 \(global step 2; it first appeared at step 0..1"):
         continual.train(config, workdir)
     checkpoints = os.listdir(os.path.join(workdir, "checkpoints"))
     assert checkpoints == []  # nothing good yet to keep, and nothing bad saved
     monkeypatch.undo()
     state = continual.train(config, workdir)  # restarts cleanly
     assert all(np.isfinite(x).all() for x in leaves(state.params))
+
+
+@_ignore_closed_loop
+def test_nan_after_a_checkpoint_keeps_it_and_the_rerun_resumes_from_it(tmp_path, monkeypatch):
+    config = tiny_config(log_every=4, checkpoint_every=2)
+    whole_dir = str(tmp_path / "whole")
+    whole = continual.train(config, whole_dir)
+    workdir = str(tmp_path / "run")
+    # Checkpoint after step 2 (good), NaN in step 4's batch, seen at its logging step.
+    _poison_batch(monkeypatch, at_step=3)
+    with pytest.raises(continual.NonFiniteLossError, match=r"experience 0, step 3 \(global step 4; "
+                                                          r"it first appeared at step 2..3"):
+        continual.train(config, workdir)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert [r["step"] for r in read_metrics(workdir, "train")] == []  # the NaN row is not written
+    monkeypatch.undo()
+    state = continual.train(config, workdir)  # resumes at step 2
+    for a, b in zip(leaves(state), leaves(whole)):
+        np.testing.assert_array_equal(a, b)
+    assert read_metrics(workdir, "train") == read_metrics(whole_dir, "train")
 
 
 @_ignore_closed_loop

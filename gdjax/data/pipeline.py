@@ -201,13 +201,13 @@ def data_sharding(mesh=None):
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
-def check_batch_size(batch_size: int, num_devices: int) -> None:
+def check_batch_size(batch_size: int, num_devices: int, what: str = "batch size") -> None:
     """ValueError, with the nearest valid sizes, unless `num_devices` divides `batch_size`."""
     if batch_size % num_devices:
         below = batch_size // num_devices * num_devices
         valid = [s for s in (below, below + num_devices) if s > 0]
         raise ValueError(
-            f"batch size {batch_size} is not divisible by the {num_devices} devices it is "
+            f"{what} {batch_size} is not divisible by the {num_devices} devices it is "
             f"sharded over; use a multiple of {num_devices}, e.g. "
             + " or ".join(str(s) for s in valid))
 
