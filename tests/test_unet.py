@@ -65,6 +65,31 @@ def test_matches_diffusers(name):
         assert relative_error(out, torch_eps(model, x, t)) <= PARITY_TOLERANCE, (name, t)
 
 
+@pytest.mark.parametrize("options", [
+    dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6),
+    dict(attention_head_dim=None, layers_per_block=2, add_attention=False, norm_num_groups=2),
+], ids=["time-embedding-and-eps", "one-head-two-layers-no-mid-attention"])
+def test_matches_diffusers_with_other_options(options):
+    # The options the named configs leave at their defaults: a swapped sin/cos, an ignored
+    # shift or eps, a wrong head count would all pass the test above.
+    config = unet.get_unet_config("tiny", **options)
+    model = diffusers_model(config, seed=1)
+    params = convert.params_from_torch_state_dict(model.state_dict(), config)
+    apply = jax.jit(unet.UNet(config).apply)
+    x = random_images(config, seed=1)
+    for t in TIMESTEP_ROWS:
+        with jax.default_matmul_precision("highest"):
+            out = apply({"params": params}, x, jnp.array(t))
+        assert relative_error(out, torch_eps(model, x, t)) <= PARITY_TOLERANCE, (options, t)
+    # With these options at their defaults (same parameter shapes) the output differs: the
+    # options are really exercised.
+    defaults = dataclasses.replace(config, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5,
+                                   attention_head_dim=8)
+    with jax.default_matmul_precision("highest"):
+        other = jax.jit(unet.UNet(defaults).apply)({"params": params}, x, jnp.array(t))
+    assert relative_error(other, torch_eps(model, x, t)) > 1e-3
+
+
 def test_ddim_medium_param_count():
     # The paper's Fashion-MNIST denoiser; counted without allocating anything.
     assert unet.param_count(unet.param_shapes(unet.get_unet_config("ddim_medium"))) == 42_855_873
