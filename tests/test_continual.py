@@ -12,7 +12,12 @@ from gdjax import continual, strategies
 from gdjax.logs import read_metrics
 
 
-def tiny_config(strategy="full_generation_distillation", **train):
+def tiny_config(strategy="full_generation_distillation", solver=False, **train):
+    """Split Digits shrunk to seconds: the tiny UNet, 2 experiences of 4 steps of 8 rows.
+
+    The classifier trained alongside (`solver`) is off unless asked for: it has its own
+    tests (test_solver.py), the runs below that enable it, and the SIGKILL test.
+    """
     c = split_digits.get_config()
     c.strategy.name = strategy
     c.model.name = "tiny"
@@ -25,6 +30,7 @@ def tiny_config(strategy="full_generation_distillation", **train):
     c.eval.grid_samples = 4
     c.log.tensorboard = False
     c.strategy.er_buffer_size = 20
+    c.solver.enabled = solver
     c.solver.epochs = 1
     c.solver.batch_size = 32
     for key, value in train.items():
@@ -39,7 +45,9 @@ def leaves(tree):
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
 def test_every_strategy_runs_end_to_end(name, tmp_path):
     workdir = str(tmp_path / name)
-    state = continual.train(tiny_config(name), workdir)
+    # The solver follows the generator's strategy: naive, cumulative or generative replay.
+    with_solver = name in (strategies.NAIVE, strategies.CUMULATIVE, strategies.FULL_GENERATION)
+    state = continual.train(tiny_config(name, solver=with_solver), workdir)
     assert int(state.step) == 8 and int(state.experience) == 1
     rows = read_metrics(workdir, "train")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -47,7 +55,9 @@ def test_every_strategy_runs_end_to_end(name, tmp_path):
     has_replay = name not in (strategies.NAIVE, strategies.CUMULATIVE)
     assert all(r["replay_loss"] == 0 for r in rows[:4])  # no teacher in the first experience
     assert all((r["replay_loss"] > 0) == has_replay for r in rows[4:])
-    assert [r["experience"] for r in read_metrics(workdir, "experience")] == [0, 1]
+    experience_rows = read_metrics(workdir, "experience")
+    assert [r["experience"] for r in experience_rows] == [0, 1]
+    assert all(("classifier_accuracy" in r) == with_solver for r in experience_rows)
     for k in (0, 1):
         assert os.path.getsize(os.path.join(workdir, "samples", f"experience_{k}.png")) > 0
     assert os.listdir(os.path.join(workdir, "checkpoints"))
@@ -55,7 +65,7 @@ def test_every_strategy_runs_end_to_end(name, tmp_path):
 
 
 def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
-    config = tiny_config("full_generation_distillation")
+    config = tiny_config("full_generation_distillation", solver=True)
     whole = continual.train(config, str(tmp_path / "whole"))
 
     # Kill the second run at the 6th step: the checkpoints at steps 3 and 4 (end of
@@ -76,9 +86,10 @@ def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
 
     for a, b in zip(leaves(whole), leaves(resumed)):
         np.testing.assert_array_equal(a, b)
-    rows_whole = read_metrics(str(tmp_path / "whole"), "train")
-    rows_resumed = read_metrics(str(tmp_path / "resumed"), "train")
-    assert rows_whole == rows_resumed
+    for stream in ("train", "experience"):  # experience rows: the solver's accuracies too
+        assert read_metrics(str(tmp_path / "whole"), stream) == read_metrics(
+            str(tmp_path / "resumed"), stream)
+    assert "classifier_accuracy" in read_metrics(str(tmp_path / "resumed"), "experience")[1]
 
 
 def test_checkpoints_every_n_steps_and_at_each_experience_end(tmp_path, monkeypatch):
@@ -91,7 +102,7 @@ def test_checkpoints_every_n_steps_and_at_each_experience_end(tmp_path, monkeypa
 
     monkeypatch.setattr(continual.Checkpointer, "save", recording_save)
     continual.train(tiny_config(), str(tmp_path))  # 2 x 4 steps, checkpoint_every=3
-    everything = ["rng", "solver", "state", "teacher"]
+    everything = ["rng", "state", "teacher"]  # and "solver" when it is on
     # (global step, experience and step it resumes at): after step 3 of each experience,
     # and at each experience's end (resuming at the next experience's step 0).
     assert saved == [(3, 0, 3, everything), (4, 1, 0, everything), (7, 1, 3, everything),
