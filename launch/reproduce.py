@@ -6,7 +6,7 @@
         --root=runs/quick --steps_per_experience=100
 
 To fit 12 runs in about 40 minutes on 2 CPU cores, the sweep halves the digits schedule by
-default: 200 generator steps per experience (the default run takes 400) and 5 solver epochs
+default: 200 generator steps per experience (the default run takes 300) and 5 solver epochs
 (10); --steps_per_experience=0 --solver_epochs=0 keep the config's own values.
 
 Every run goes to <root>/<variant>_seed<seed> and the report (report.md, CSVs, PNGs) to
