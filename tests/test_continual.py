@@ -63,6 +63,29 @@ def test_every_strategy_runs_end_to_end(name, tmp_path):
     assert os.listdir(os.path.join(workdir, "checkpoints"))
     assert json.load(open(os.path.join(workdir, "config.json")))["strategy"]["name"] == name
 
+    # Each compiled step of the run was traced once (the replay step over all four steps of
+    # experience 1; naive and cumulative use the plain step throughout), and the teacher it
+    # was given is bitwise the model that ended experience 0: donation and the step never
+    # touched it.
+    config = tiny_config(name, solver=with_solver)
+    run = continual.build(config, workdir)
+    trainer = continual.Trainer(run, None, None, None, None, None)
+    assert [trainer.step_fn(replay)._cache_size() for replay in (False, True)] == [1, has_replay]
+    if name in strategies.TEACHER_STRATEGIES:
+        from gdjax.checkpoint import Checkpointer
+        from gdjax.convert import restore_params
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        template_state, template_teacher = continual.initial_state(run)
+        _, teacher, _, _, meta = continual.restore(ckpt, run, template_state, template_teacher,
+                                                   continual.initial_solver(run))
+        ckpt.close()
+        assert meta["experience"] == 2  # the final checkpoint, after experience 1
+        ended_0 = restore_params(continual.experience_params_dir(workdir, 0))[1]
+        for a, b in zip(leaves(teacher), leaves(ended_0)):
+            np.testing.assert_array_equal(a, b)
+        assert any(not np.array_equal(a, b) for a, b in zip(leaves(state.params),
+                                                             leaves(ended_0)))
+
 
 def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
     config = tiny_config("full_generation_distillation", solver=True)

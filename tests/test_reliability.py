@@ -114,9 +114,15 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     data_dir, whole, killed = (str(tmp_path / name) for name in ("data", "whole", "killed"))
     log = open(tmp_path / "log.txt", "wb")
     started = time.monotonic()
-    # The reference run also trains and caches the eval classifier and fills the compile
-    # cache, so each restart below costs a process start, not a compilation. --overwrite
-    # on a fresh workdir is a no-op.
+    # The evaluation classifier, trained for one epoch where the hook looks for it (its
+    # default 20 epochs would add 18 s). The reference run fills the compile cache, so
+    # each restart below costs a process start, not a compilation. --overwrite on a fresh
+    # workdir is a no-op.
+    from configs import split_digits
+    from gdjax.eval import classifier
+    config = split_digits.get_config()
+    config.data.data_dir, config.eval.classifier = data_dir, "simple_cnn"
+    classifier.train_for_config(config, epochs=1)
     subprocess.run(_digits_command(whole, data_dir, "--overwrite"), cwd=ROOT, env=env,
                    stdout=log, stderr=subprocess.STDOUT, check=True, timeout=180)
 

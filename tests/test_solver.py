@@ -97,11 +97,11 @@ def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(gen
 
 
 def test_bad_solver_settings_are_named(tmp_path):
-    c = tiny_config()
+    c = tiny_config(solver=True)
     c.solver.strategy = "replay"
     with pytest.raises(ValueError, match="solver.strategy='replay'"):
         continual.train(c, str(tmp_path / "a"))
-    c = tiny_config()
+    c = tiny_config(solver=True)
     c.solver.temperature = 0.0
     with pytest.raises(ValueError, match="solver.temperature"):
         continual.train(c, str(tmp_path / "b"))
@@ -111,8 +111,8 @@ def test_bad_solver_settings_are_named(tmp_path):
     ("full_generation_distillation", "generative_replay"), ("naive", "naive"),
     ("cumulative", "cumulative")])
 def test_auto_solver_follows_the_generator(strategy, solver_strategy):
-    assert continual.solver_config(tiny_config(strategy), 10).strategy == solver_strategy
-    c = tiny_config(strategy)
+    assert continual.solver_config(tiny_config(strategy, solver=True), 10).strategy == solver_strategy
+    c = tiny_config(strategy, solver=True)
     c.solver.enabled = False
     assert continual.solver_config(c, 10) is None
 
@@ -137,7 +137,7 @@ def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path,
                         lambda tr, k, s: (order.append(("generator", k)),
                                           real_train_experience(tr, k, s)))
     workdir = str(tmp_path / "run")
-    continual.train(tiny_config(), workdir)
+    continual.train(tiny_config(solver=True), workdir)
     assert [o[:2] for o in order] == [("solver", 0), ("generator", 0), ("solver", 1),
                                       ("generator", 1)]
     rows = read_metrics(workdir, "experience")

@@ -70,8 +70,9 @@ def test_replay_weights_sum_to_one():
     assert tuple(map(float, losses.replay_weights(jnp.int32(3), False))) == (1.0, 1.0)
 
 
-@pytest.mark.parametrize("name", strategies.STRATEGIES)
-def test_every_strategy_compiles_once_and_keeps_teacher_frozen(name, setup):
+@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.LWF, strategies.ER])
+def test_steps_compile_once_and_keep_the_teacher_frozen(name, setup):
+    # Every strategy, through the experience loop: test_continual.py's end-to-end test.
     student, teacher, batch = setup
     teacher_before = jax.tree.map(np.asarray, teacher)
     step, state, metrics = run_steps(name, student, teacher, batch, n=3)
@@ -83,8 +84,7 @@ def test_every_strategy_compiles_once_and_keeps_teacher_frozen(name, setup):
         assert all(np.isfinite(v) for v in m.values())
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, student))
     assert max(moved) > 0
-    has_replay = name not in (strategies.NAIVE, strategies.CUMULATIVE)
-    assert (metrics[0]["replay_loss"] > 0) == has_replay
+    assert metrics[0]["replay_loss"] > 0
 
 
 def replay_key(step_index):
