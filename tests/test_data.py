@@ -3,6 +3,7 @@ the resize against independent references, and deterministic, resumable, sharded
 
 import gzip
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tarfile
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -90,7 +92,7 @@ def test_idx_missing_files_name_the_path(tmp_path):
 
 
 def _corrupt_idx_files(folder):
-    """Yields (path, description) after writing each kind of broken file over a good set."""
+    """Yields the broken file's path after writing each kind of damage over a good set."""
     images, labels = np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.uint8)
     img_path = os.path.join(folder, "train-images-idx3-ubyte.gz")
     lbl_path = os.path.join(folder, "train-labels-idx1-ubyte.gz")
@@ -108,11 +110,43 @@ def _corrupt_idx_files(folder):
         yield path
 
 
-def test_idx_corrupt_files_raise_value_error_naming_the_file(tmp_path):
-    for path in _corrupt_idx_files(str(tmp_path)):
+def test_idx_corrupt_files_raise_value_error_naming_the_file_and_the_fix(tmp_path):
+    redownload = "delete it and download it again from https://ossci-datasets"
+    expected = [("corrupt or truncated gzip", redownload),
+                ("wrong IDX magic number 0x00000801", redownload),
+                ("IDX header says shape (3, 4, 4) (48 bytes) but the file holds 43", redownload),
+                ("holds 3 images but", "delete both and download them again from https://oss")]
+    for path, (problem, fix) in zip(_corrupt_idx_files(str(tmp_path)), expected, strict=True):
         with pytest.raises(ValueError) as e:
             sources.read_idx("mnist", str(tmp_path), "train")
-        assert os.path.basename(path) in str(e.value)
+        message = str(e.value)
+        assert os.path.basename(path) in message and problem in message, message
+        assert fix in message, message
+
+
+def test_a_corrupt_idx_file_stops_a_run_before_any_compilation(tmp_path, caplog):
+    import jax
+
+    from configs import split_fmnist
+    from gdjax import continual
+
+    images, labels = np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8)
+    _write_idx(str(tmp_path / "fashion_mnist"), "train", images, labels)
+    path = tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])  # a torn download
+    config = split_fmnist.get_config("naive")
+    config.data.data_dir = str(tmp_path)
+    start = time.perf_counter()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        with pytest.raises(ValueError) as e:
+            continual.train(config, str(tmp_path / "run"))
+    assert time.perf_counter() - start < 3
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not compiled, compiled
+    assert str(e.value).startswith(f"{path}: corrupt or truncated gzip file")
+    assert "delete it and download it again from https://github.com/zalandoresearch/" \
+        "fashion-mnist" in str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -139,13 +173,16 @@ def test_cifar_errors(tmp_path):
     tarball = tmp_path / "cifar-10-python.tar.gz"
     _write_cifar_tar(str(tarball), _cifar_parts(np.random.default_rng(2)))
     tarball.write_bytes(tarball.read_bytes()[:300])  # truncated
-    with pytest.raises(ValueError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(ValueError, match="cifar-10-python.tar.gz: corrupt or truncated") as e:
         sources.read_cifar10(str(tmp_path), "train")
+    assert "delete it and download it again from https://www.cs.toronto.edu/~kriz/" \
+        "cifar-10-python.tar.gz" in str(e.value)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "test_batch").write_bytes(pickle.dumps(threading.Lock))  # not a batch
-    with pytest.raises(ValueError, match="test_batch"):
+    with pytest.raises(ValueError, match="test_batch: not a valid CIFAR-10 python batch") as e:
         sources.read_cifar10(str(tmp_path), "test")
+    assert f"delete {folder} and extract it again from cifar-10-python.tar.gz" in str(e.value)
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         sources.read_cifar10(str(tmp_path), "train")
 
@@ -199,8 +236,14 @@ def test_image_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "test")):
         sources.read_image_folder(str(tmp_path), "test", channels=3)
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "dog" / "9.png")
-    with pytest.raises(ValueError, match="9.png"):
+    with pytest.raises(ValueError, match="9.png: size 4x4 differs from 7x5.*resize it or remove"):
         sources.read_image_folder(str(tmp_path), "train", channels=3)
+    png = (tmp_path / "train" / "dog" / "0.png").read_bytes()
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(png[:len(png) // 2])  # truncated
+    with pytest.raises(ValueError) as e:
+        sources.read_image_folder(str(tmp_path), "train", channels=3)
+    assert str(e.value).startswith(f"{tmp_path / 'train' / 'dog' / '9.png'}: unreadable image")
+    assert "remove it, or replace it by a readable image" in str(e.value)
 
 
 def test_unknown_source_and_dataset():
@@ -379,6 +422,31 @@ def test_prefetcher_surfaces_errors_and_closes():
     assert not endless._thread.is_alive()
     with pytest.raises(StopIteration):
         next(endless)
+
+
+def test_prefetcher_runs_ahead_by_its_depth_and_no_further():
+    depth, n = 3, 9
+    produced, consumed, filled, overran = [], [], threading.Event(), threading.Event()
+
+    def producer():
+        for i in range(n):
+            produced.append(i)
+            if i == depth:  # `depth` items queued and one more waiting for room
+                filled.set()
+            if i == depth + 1 and not consumed:
+                overran.set()
+            yield i
+
+    with pipeline.Prefetcher(producer(), size=depth) as it:
+        # Nothing consumed yet: the thread has filled the queue on its own, then stopped.
+        assert filled.wait(timeout=10), f"produced only {produced} ahead of the consumer"
+        assert not overran.wait(timeout=0.3), f"produced {produced}, more than the depth"
+        assert produced == list(range(depth + 1))
+        for item in it:
+            consumed.append(item)
+            # At most `depth` items queued plus one in the producer's hands.
+            assert len(produced) <= len(consumed) + depth + 1, (produced, consumed)
+    assert consumed == list(range(n))
 
 
 _SHARDING_SCRIPT = textwrap.dedent("""

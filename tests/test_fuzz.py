@@ -8,9 +8,11 @@ import gzip
 import io
 import os
 import pickle
+import struct
 import tarfile
 import tempfile
 import traceback
+import zlib
 
 import numpy as np
 import pytest
@@ -239,6 +241,66 @@ def test_cifar_batch_naming_an_unknown_codec_is_a_clean_error(tmp_path):
     (folder / "test_batch").write_bytes(data)
     with pytest.raises(ValueError, match="not a valid CIFAR-10 python batch"):
         sources.read_cifar10(str(tmp_path), "test")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_GOOD_PNG = _png(np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8))
+
+
+@settings(FUZZ, max_examples=25)
+@given(files=st.lists(st.tuples(st.sampled_from(["cat", "dog"]),
+                                st.one_of(st.just(_GOOD_PNG), damaged(_GOOD_PNG))),
+                      min_size=1, max_size=4))
+def test_fuzzed_image_folders_fail_cleanly(files):
+    _count("image folders")
+    with tempfile.TemporaryDirectory() as root:
+        paths = [os.path.join(root, "train", cls, f"{i}.png") for i, (cls, _) in enumerate(files)]
+        for path, (_, data) in zip(paths, files):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        try:
+            images, labels = sources.read_image_folder(root, "train", channels=3)
+        except BaseException as e:  # noqa: BLE001 - judged by assert_clean
+            assert_clean(e)
+            message = str(e)  # names the file and says what to do with it
+            assert any(message.startswith(f"{path}: ") for path in paths), message
+            assert "remove it" in message, message
+        else:  # some damage keeps a valid PNG (e.g. bytes after IEND)
+            assert images.shape == (len(files), 4, 5, 3) and len(labels) == len(files)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return (len(body).to_bytes(4, "big") + kind + body
+            + zlib.crc32(kind + body).to_bytes(4, "big"))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("header, problem", [
+    # 100000 x 100000 pixels, valid CRC: PIL raises DecompressionBombError, not an OSError.
+    (struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0), "exceeds limit"),
+    (struct.pack(">II", 4, 5), "Truncated IHDR chunk"),  # PIL raises a ValueError
+])
+def test_damaged_png_headers_are_clean_errors(header, problem, tmp_path):
+    """Found by fuzzing PIL (rare in 25 examples): errors that are not OSError."""
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    path = tmp_path / "train" / "cat" / "0.png"
+    path.write_bytes(_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
+    with pytest.raises(ValueError) as e:
+        sources.read_image_folder(str(tmp_path), "train", channels=1)
+    assert_clean(e.value)
+    assert str(e.value).startswith(f"{path}: unreadable image") and problem in str(e.value)
 
 
 def test_report_how_many_inputs_were_fuzzed(capsys):

@@ -6,6 +6,7 @@ import math
 import re
 import struct
 import sys
+import types
 import warnings
 
 import jax.numpy as jnp
@@ -157,6 +158,47 @@ def test_mirrors_can_be_off_and_a_missing_wandb_warns_once(tmp_path, monkeypatch
         warnings.simplefilter("error")
         logs.MetricLogger(tmp_path / "b", tensorboard=False, wandb=True).close()
     assert not (tmp_path / "a" / "tensorboard").exists()
+
+
+class StubWandb(types.ModuleType):
+    """A `wandb` module that records init, log and finish instead of reaching W&B."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+        self.ids = iter(["run1d", "other"])
+        self.util = types.SimpleNamespace(generate_id=lambda: next(self.ids))
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return types.SimpleNamespace(
+            log=lambda data, step: self.calls.append(("log", data, step)),
+            finish=lambda: self.calls.append(("finish",)))
+
+
+def test_wandb_when_installed_gets_config_rows_and_the_resumed_run_id(tmp_path, monkeypatch):
+    stub = StubWandb()
+    monkeypatch.setitem(sys.modules, "wandb", stub)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    workdir = tmp_path / "fmnist_gd"
+    with logs.MetricLogger(workdir, tensorboard=False, wandb=True,
+                           config={"seed": 42}) as logger:
+        logger.write("train", 1, {"loss": np.float32(0.5), "experience": 0})
+        logger.write("eval", 1, {"fid": float("inf")})
+        assert [c[0] for c in stub.calls] == ["init", "log", "log"]  # finish only on close
+    init = dict(project="gdjax", name="fmnist_gd", dir=str(workdir), id="run1d",
+                resume="allow", config={"seed": 42})
+    assert stub.calls == [("init", init), ("log", {"train/loss": 0.5, "train/experience": 0}, 1),
+                          ("log", {"eval/fid": math.inf}, 1), ("finish",)]
+    # Resumed (after a kill) in the same workdir: the same W&B run continues.
+    stub.calls.clear()
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    with logs.MetricLogger(workdir, resume_step=1, tensorboard=False, wandb=True,
+                           config={"seed": 42}) as logger:
+        logger.write("train", 2, {"loss": 0.25})
+    assert stub.calls == [("init", dict(init, project="mine")),
+                          ("log", {"train/loss": 0.25}, 2), ("finish",)]
+    assert (workdir / "wandb_run_id").read_text() == "run1d"
 
 
 # ----------------------------------------------------------------------------- progress

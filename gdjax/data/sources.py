@@ -15,7 +15,8 @@ TensorFlow. The sources, by the name `read_source` takes:
   sub-folder name in sorted order; every image must have the same size.
 
 Missing files raise FileNotFoundError naming the path and what is expected there; corrupt
-files raise ValueError naming the file.
+files raise ValueError naming the file, what is wrong with it and the fix (download a publisher's
+file again; remove or replace an unreadable image).
 """
 
 import gzip
@@ -44,6 +45,14 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 Arrays = tuple[np.ndarray, np.ndarray]
+
+
+_LOOKS_CORRUPT = "The file looks truncated or is not the publisher's file"
+
+
+def _redownload(url: str) -> str:
+    """The fix that ends the error of a corrupt file downloaded from `url`."""
+    return f"{_LOOKS_CORRUPT}: delete it and download it again from {url}"
 
 
 def _check_split(split: str) -> None:
@@ -140,11 +149,15 @@ def read_idx(name: str, data_dir: str, split: str) -> Arrays:
     for kind, ndim in (("images-idx3", 3), ("labels-idx1", 1)):
         stem = f"{_IDX_PREFIX[split]}-{kind}-ubyte"
         path = _find_file(dirs, [stem + ".gz", stem], expected)
-        arrays.append((parse_idx(_read_bytes(path), path, ndim=ndim), path))
+        try:
+            arrays.append((parse_idx(_read_bytes(path), path, ndim=ndim), path))
+        except ValueError as e:
+            raise ValueError(f"{e}. {_redownload(_IDX_URLS[name])}.") from e
     (images, image_path), (labels, label_path) = arrays
     if len(images) != len(labels):
         raise ValueError(f"{image_path} holds {len(images)} images but {label_path} holds "
-                         f"{len(labels)} labels")
+                         f"{len(labels)} labels. One of them is not the publisher's file: "
+                         f"delete both and download them again from {_IDX_URLS[name]}.")
     return images[..., None].copy(), labels.astype(np.int32)
 
 
@@ -165,8 +178,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _parse_cifar_batch(data: bytes, path: str) -> Arrays:
-    """One pickled CIFAR-10 batch -> uint8 [N, 32, 32, 3], int32 [N]."""
+def _parse_cifar_batch(data: bytes, path: str, fix: str) -> Arrays:
+    """One pickled CIFAR-10 batch -> uint8 [N, 32, 32, 3], int32 [N]; `fix` ends errors."""
     try:
         batch = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
         batch = {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
@@ -174,10 +187,10 @@ def _parse_cifar_batch(data: bytes, path: str) -> Arrays:
         labels = np.asarray(batch["labels"], dtype=np.int32)
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError,
             ValueError, IndexError, LookupError) as e:  # LookupError: an unknown codec name
-        raise ValueError(f"{path}: not a valid CIFAR-10 python batch ({e!r})") from e
+        raise ValueError(f"{path}: not a valid CIFAR-10 python batch ({e!r}). {fix}.") from e
     if images.ndim != 2 or images.shape[1] != 3072 or len(images) != len(labels):
         raise ValueError(f"{path}: expected data [N, 3072] and N labels, got data "
-                         f"{images.shape} and {len(labels)} labels")
+                         f"{images.shape} and {len(labels)} labels. {fix}.")
     # Rows hold the red, then green, then blue 32x32 planes.
     return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
@@ -187,6 +200,7 @@ def _cifar_members(split: str) -> list[str]:
 
 
 def _read_cifar_tar(path: str, split: str) -> list[Arrays]:
+    fix = _redownload(_CIFAR_URL)
     try:
         with tarfile.open(path, "r:*") as tar:
             parts = []
@@ -197,11 +211,11 @@ def _read_cifar_tar(path: str, split: str) -> list[Arrays]:
                 except KeyError:
                     f = None
                 if f is None:
-                    raise ValueError(f"{path}: the tarball has no {member_path}")
-                parts.append(_parse_cifar_batch(f.read(), f"{path}:{member_path}"))
+                    raise ValueError(f"{path}: the tarball has no {member_path}. {fix}.")
+                parts.append(_parse_cifar_batch(f.read(), f"{path}:{member_path}", fix))
             return parts
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated tar file ({e})") from e
+        raise ValueError(f"{path}: corrupt or truncated tar file ({e}). {fix}.") from e
 
 
 def read_cifar10(data_dir: str, split: str) -> Arrays:
@@ -210,12 +224,14 @@ def read_cifar10(data_dir: str, split: str) -> Arrays:
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     tarball = os.path.join(data_dir, "cifar-10-python.tar.gz")
     if os.path.isdir(folder):
+        fix = (f"{_LOOKS_CORRUPT}: delete {folder} and extract it again from "
+               f"cifar-10-python.tar.gz, downloaded from {_CIFAR_URL}")
         parts = []
         for member in _cifar_members(split):
             path = _find_file([folder], [member], f"Expected the pickled batches "
                               f"data_batch_1..5 and test_batch in {folder}.")
             with open(path, "rb") as f:
-                parts.append(_parse_cifar_batch(f.read(), path))
+                parts.append(_parse_cifar_batch(f.read(), path, fix))
     elif os.path.isfile(tarball):
         parts = _read_cifar_tar(tarball, split)
     else:
@@ -282,8 +298,12 @@ def _read_image(path: str, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+    # SyntaxError: PIL's "broken PNG file"; ValueError: e.g. "Truncated IHDR chunk"; a bomb:
+    # a damaged header claiming billions of pixels.
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as e:
+        raise ValueError(f"{path}: unreadable image ({e}); remove it, or replace it by a "
+                         f"readable image") from e
 
 
 def read_image_folder(data_dir: str, split: str, *, channels: int) -> Arrays:
@@ -302,7 +322,8 @@ def read_image_folder(data_dir: str, split: str, *, channels: int) -> Arrays:
                 if images and image.shape != images[0].shape:
                     raise ValueError(f"{path}: size {image.shape[1]}x{image.shape[0]} differs "
                                      f"from {images[0].shape[1]}x{images[0].shape[0]}; all "
-                                     f"images of a folder must have the same size")
+                                     f"images of a folder must have the same size: resize "
+                                     f"it or remove it")
                 images.append(image)
                 labels.append(label)
     if not images:
