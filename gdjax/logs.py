@@ -287,7 +287,10 @@ def _open_wandb(workdir: pathlib.Path, config: Mapping[str, Any] | None):
     id_file = workdir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
     id_file.write_text(run_id)
-    return wandb.init(dir=str(workdir), id=run_id, resume="allow",
+    # Named after the workdir; the project is $WANDB_PROJECT, else "gdjax" (not W&B's
+    # "uncategorized").
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "gdjax"), name=workdir.name,
+                      dir=str(workdir), id=run_id, resume="allow",
                       config=dict(config) if config is not None else None)
 
 
