@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from gdjax.eval import metrics
 
@@ -47,6 +48,34 @@ def test_frechet_matches_symmetric_formula_on_random_features():
     expected = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
                 - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
     assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+    """|mu1 - mu2|² + tr(S1 + S2 - 2 sqrtm(S1 S2)), in the dtype it is given."""
+    diff, root = mu1 - mu2, scipy.linalg.sqrtm(s1 @ s2).real
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(root)
+
+
+def test_frechet_of_float32_statistics_is_computed_in_float64():
+    """float32 features and statistics (as a JAX feature network hands them over) with a
+    common offset of 5e3 and a nearly singular covariance (rank 12 + tiny noise, in 16-D):
+    the traces (~1.6e5) cancel down to a distance of ~1.6, which float32 cannot resolve."""
+    rng = np.random.default_rng(0)
+    latent, mix = rng.normal(size=(1000, 12)), rng.normal(size=(12, 16)) * 30
+    noise = 0.01 * rng.normal(size=(1000, 16))
+    a = (5e3 + latent @ mix + noise).astype(np.float32)
+    b = (5e3 + 0.25 + latent @ (mix * 1.002) + noise).astype(np.float32)
+    mu_a, s_a = metrics.feature_statistics(a)
+    np.testing.assert_allclose(mu_a, a.astype(np.float64).mean(0), rtol=1e-13)
+    np.testing.assert_allclose(s_a, np.cov(a.astype(np.float64), rowvar=False), rtol=1e-12)
+    stats32 = [np.asarray(s, np.float32)
+               for s in (*metrics.feature_statistics(a), *metrics.feature_statistics(b))]
+    expected = _scipy_frechet(*(s.astype(np.float64) for s in stats32))
+    # |0.25|² * 16 from the means + about (0.002)² * tr(S) from the stretch.
+    assert 1.4 < expected < 1.9
+    # The same formula in float32 is far off (it even comes out negative here).
+    assert abs(_scipy_frechet(*stats32) - expected) > 5.0
+    assert metrics.frechet_distance(*stats32) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_with_fewer_samples_than_dimensions_is_finite():

@@ -15,6 +15,9 @@ import sys
 
 import numpy as np
 import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.container import BarContainer
+from matplotlib.colors import to_rgba
 from PIL import Image
 
 from configs import split_digits
@@ -169,6 +172,62 @@ def test_pngs_open_with_sane_sizes(written_report):
     assert sizes["class_histogram.png"] == (640, 500)  # 0.6 + 2.2 inches per strategy
     width, height = sizes["samples.png"]  # two grids side by side, cropped to the content
     assert 560 <= width <= 700 and 300 <= height <= 420
+
+
+def _bands(ax):
+    """The fill_between patches of an axes."""
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def test_metric_figure_draws_hand_computed_means_and_std_bands(grid_runs):
+    """Per strategy one line through the means and one band whose extent at each experience
+    is mean ± sample std, both computed here from the written rows."""
+    fig = report.metric_figure(report.per_experience(report.load_runs(grid_runs[0])),
+                               "fd_classifier")
+    ax, = fig.axes
+    assert [line.get_label() for line in ax.lines] == list(STRATEGIES)
+    assert len(_bands(ax)) == len(STRATEGIES)
+    for line, band, strategy in zip(ax.lines, _bands(ax), STRATEGIES):
+        mean, std = np.array([hand_stats(grid_runs[1], strategy, "fd_classifier", k)
+                              for k in range(N_EXP)]).T
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(N_EXP))
+        np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-12)
+        vertices = np.concatenate([p.vertices for p in band.get_paths()])
+        for k in range(N_EXP):
+            ys = vertices[vertices[:, 0] == k, 1]
+            assert ys.min() == pytest.approx(mean[k] - std[k], rel=1e-9)
+            assert ys.max() == pytest.approx(mean[k] + std[k], rel=1e-9)
+        assert band.get_facecolor()[0][:3] == pytest.approx(to_rgba(line.get_color())[:3])
+
+
+def test_class_histogram_figure_bars_are_the_true_and_generated_fractions(tmp_path):
+    """Two seeds after experience 1 of a fixed class order 9, 8, ..., 0 (2 classes per
+    experience): true bars 1/4 on classes 6..9, generated bars the mean over seeds of the
+    logged fractions with their sample std as error bars."""
+    order = tuple(range(9, -1, -1))
+    written = {}
+    for seed in (42, 69):
+        rng = np.random.default_rng(seed)
+        rows = [{f"gen_frac_class_{c}": float(f) for c, f in enumerate(rng.dirichlet(np.ones(10)))}
+                for _ in range(2)]
+        written[seed] = [rows[1][f"gen_frac_class_{c}"] for c in range(10)]
+        write_run(tmp_path / str(seed), seed=seed, rows=rows, grid=False,
+                  data__class_order=order)
+    groups = report.load_runs([str(tmp_path / "42"), str(tmp_path / "69")])
+    fig = report.class_histogram_figure(groups, report.last_experiences(groups))
+    ax, = fig.axes
+    true_bars, gen_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    np.testing.assert_allclose([b.get_height() for b in true_bars], [0] * 6 + [0.25] * 4,
+                               rtol=0, atol=1e-15)
+    gen_mean = [statistics.mean(v) for v in zip(*written.values())]
+    gen_std = [statistics.stdev(v) for v in zip(*written.values())]
+    np.testing.assert_allclose([b.get_height() for b in gen_bars], gen_mean, rtol=1e-12)
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in gen_bars],
+                               np.arange(10) + 0.2)
+    caps = gen_bars.errorbar.lines[2][0].get_segments()  # one vertical segment per bar
+    np.testing.assert_allclose([seg[:, 1] for seg in caps],
+                               np.stack([np.subtract(gen_mean, gen_std),
+                                         np.add(gen_mean, gen_std)], 1), rtol=1e-12)
 
 
 def test_class_histogram_data(grid_runs):

@@ -1,6 +1,8 @@
 """The classifier trained with generative replay (REFERENCE §6): its loss, its compiled step,
 and its place in the experience loop (classifier first, accuracy and forgetting per row)."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,8 +136,8 @@ def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path,
 
     monkeypatch.setattr(continual, "train_solver", train_solver)
     monkeypatch.setattr(continual, "train_experience",
-                        lambda tr, k, s: (order.append(("generator", k)),
-                                          real_train_experience(tr, k, s)))
+                        lambda tr, k, *rest: (order.append(("generator", k)),
+                                              real_train_experience(tr, k, *rest)))
     workdir = str(tmp_path / "run")
     continual.train(tiny_config(solver=True), workdir)
     assert [o[:2] for o in order] == [("solver", 0), ("generator", 0), ("solver", 1),
@@ -150,3 +152,88 @@ def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path,
         rows[0]["classifier_acc_exp_0"] - rows[1]["classifier_acc_exp_0"])
     # After one epoch (22 steps) on the first five classes it is well above chance (0.2).
     assert rows[0]["classifier_acc_exp_0"] > 0.3
+
+
+class FakeSteps:
+    """Stands in for solver.make_step, so that nothing compiles: records how each step was
+    made and what it was given, and returns `losses` one per step (1.0 when not given)."""
+
+    def __init__(self, losses=()):
+        self.made, self.calls, self.losses = [], [], list(losses)
+
+    def __call__(self, cfg, gen_apply, with_replay):
+        self.made.append((gen_apply, with_replay))
+
+        def step(state, gen_params, schedule, images, labels, experience, rng):
+            self.calls.append(dict(state=state, gen_params=gen_params, schedule=schedule,
+                                   images=np.asarray(images), labels=np.asarray(labels),
+                                   experience=int(experience)))
+            i = len(self.calls) - 1
+            return state, jnp.float32(self.losses[i] if self.losses else 1.0)
+
+        return step
+
+
+def _pairs(images, labels):
+    """The multiset of (image bytes, label) rows."""
+    return collections.Counter((x.tobytes(), int(y)) for x, y in zip(images, labels))
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cumulative", "full_generation_distillation"])
+def test_solver_data_and_replay_follow_its_strategy(strategy, tmp_path, monkeypatch):
+    """Through continual.train_solver, experience by experience: the naive and the
+    generative-replay solver see experience k's training rows only, the cumulative one those
+    of experiences 0..k, each row at most once per epoch and every full batch of them; only
+    generative replay, from k = 1, gets the replay step and the frozen previous generator."""
+    run = continual.build(tiny_config(strategy, solver=True), str(tmp_path))
+    fake = FakeSteps()
+    monkeypatch.setattr(solver, "make_step", fake)
+    previous_generator, params = {"w": jnp.arange(3.0)}, {"w": jnp.ones(2)}
+    # A stand-in solver state: the real network's init would compile for seconds.
+    tr = continual.Trainer(run, None, None, None, previous_generator, None,
+                           solver.SolverState(params, None, None))
+    for k in range(len(run.experiences)):
+        classes = (np.concatenate(run.experiences[:k + 1]) if strategy == "cumulative"
+                   else np.asarray(run.experiences[k]))
+        mask = np.isin(run.train.labels, classes)
+        allowed = _pairs(run.train.images[mask], run.train.labels[mask])
+        fake.calls.clear()
+        continual.train_solver(tr, k)
+        replay = strategy == "full_generation_distillation" and k > 0
+        assert fake.made[-1] == ((run.apply_fn, True) if replay else (None, False))
+        assert all(c["experience"] == k for c in fake.calls)
+        assert all(c["gen_params"] is (previous_generator if replay else None) and
+                   c["schedule"] is (run.schedule if replay else None) for c in fake.calls)
+        given = sum((_pairs(c["images"], c["labels"]) for c in fake.calls), collections.Counter())
+        extra = given - allowed  # rows from elsewhere, or a row twice in the one epoch
+        assert not extra, f"{extra.total()} rows of labels {sorted({y for _, y in extra})}"
+        assert given.total() == mask.sum() // run.solver.batch_size * run.solver.batch_size
+        assert set(np.concatenate([c["labels"] for c in fake.calls])) == set(classes)
+        # The previous solver is frozen first: the teacher that labels replay is a copy.
+        np.testing.assert_array_equal(fake.calls[0]["state"].teacher["w"], params["w"])
+
+
+def test_a_non_finite_solver_loss_stops_naming_experience_epoch_and_step(monkeypatch):
+    """10 images in batches of 4: 2 steps per epoch. The loss turns NaN at the second step of
+    epoch 1 (solver step 3): the run stops at the end of that epoch, before epoch 2."""
+    fake = FakeSteps([1.0, 0.9, 0.8, float("nan"), 0.7, 0.6])
+    monkeypatch.setattr(solver, "make_step", fake)
+    epochs_done = []
+    progress = type("P", (), {"update": lambda self, n: epochs_done.append(n)})()
+    cfg = solver.SolverConfig(strategy="naive", epochs=3, batch_size=4)
+    with pytest.raises(solver.NonFiniteSolverLossError) as e:
+        solver.train_experience(cfg, solver.SolverState({"w": jnp.ones(2)}, None, None),
+                                images=np.zeros((10, 2, 2, 1), np.float32),
+                                labels=np.zeros(10, np.int32), experience=3, seed=0,
+                                with_replay=False, progress=progress)
+    message = str(e.value)
+    assert message.startswith("non-finite solver loss (nan) at experience 3, epoch 1, step 1 "
+                              "of the epoch (solver step 3 of the experience; 1 of the epoch's "
+                              "2 steps")
+    assert "Lower solver.learning_rate" in message and "solver.enabled=False" in message
+    assert len(fake.calls) == 4 and epochs_done == [1]
+    # inf counts too; finite losses pass.
+    with pytest.raises(solver.NonFiniteSolverLossError, match=r"\(inf\) at experience 0, "
+                       r"epoch 2, step 0 of the epoch \(solver step 8 of"):
+        solver.check_finite([np.inf, 1.0], experience=0, epoch=2, first_step=8)
+    solver.check_finite(np.array([1.0, 1e30], np.float32), experience=0, epoch=0, first_step=0)

@@ -16,7 +16,8 @@ The replay images, the teacher's labels and the student's update run in one jitt
 whose frozen inputs (previous generator, previous solver) are explicit arguments. Adam
 starts afresh each experience (avalanche resets the optimizer), dropout is on in training,
 and every epoch visits a seeded permutation in full batches (the remainder is dropped, so
-the step compiles once).
+the step compiles once). The losses of an epoch are fetched to the host once, at its end, and
+a NaN or inf among them stops the run (`NonFiniteSolverLossError`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class SolverConfig:
         if not self.temperature > 0 or not self.learning_rate > 0:
             raise ValueError(f"solver.temperature={self.temperature} and solver.learning_rate="
                              f"{self.learning_rate} must be > 0.")
+
+
+class NonFiniteSolverLossError(FloatingPointError):
+    """The solver's loss became NaN or inf."""
 
 
 class SolverState(NamedTuple):
@@ -161,14 +166,34 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     step = 0
     for epoch in range(cfg.epochs):
         order = np.random.default_rng([seed, experience, epoch, 11]).permutation(len(images))
+        losses = []  # stay on device until the epoch ends: one transfer per epoch
         for i in range(len(images) // batch):
             rows = order[i * batch:(i + 1) * batch]
-            state, _ = step_fn(state, gen_params, schedule, images[rows], labels[rows], exp,
-                               jax.random.fold_in(key, step))
+            state, loss = step_fn(state, gen_params, schedule, images[rows], labels[rows], exp,
+                                  jax.random.fold_in(key, step))
+            losses.append(loss)
             step += 1
+        check_finite(jax.device_get(losses), experience=experience, epoch=epoch,
+                     first_step=step - len(losses))
         if progress is not None:
             progress.update(1)
     return state
+
+
+def check_finite(losses, *, experience: int, epoch: int, first_step: int) -> None:
+    """Raises NonFiniteSolverLossError naming the first NaN or inf among an epoch's losses
+    (`first_step`: the solver step of the experience at which the epoch began)."""
+    losses = np.asarray(losses, np.float64)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if not len(bad):
+        return
+    i = int(bad[0])
+    raise NonFiniteSolverLossError(
+        f"non-finite solver loss ({losses[i]}) at experience {experience}, epoch {epoch}, "
+        f"step {i} of the epoch (solver step {first_step + i} of the experience; "
+        f"{len(bad)} of the epoch's {len(losses)} steps were non-finite); the run stops "
+        f"before this solver is checkpointed. Lower solver.learning_rate, check the data, "
+        f"or set solver.enabled=False to train the generator without the classifier.")
 
 
 def steps_per_experience(cfg: SolverConfig, num_images: int) -> int:
