@@ -43,10 +43,18 @@ def leaves(tree):
 
 
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
-def test_every_strategy_runs_end_to_end(name, tmp_path):
+def test_every_strategy_runs_end_to_end(name, tmp_path, monkeypatch):
     workdir = str(tmp_path / name)
     # The solver follows the generator's strategy: naive, cumulative or generative replay.
     with_solver = name in (strategies.NAIVE, strategies.CUMULATIVE, strategies.FULL_GENERATION)
+    buffers = []  # (experience, the ER buffer) of every memory batch the loop draws
+    real_memory_batch = continual.memory_batch
+
+    def recording_memory_batch(run, buffer, k, step, rows):
+        buffers.append((k, buffer))
+        return real_memory_batch(run, buffer, k, step, rows)
+
+    monkeypatch.setattr(continual, "memory_batch", recording_memory_batch)
     state = continual.train(tiny_config(name, solver=with_solver), workdir)
     assert int(state.step) == 8 and int(state.experience) == 1
     rows = read_metrics(workdir, "train")
@@ -71,6 +79,12 @@ def test_every_strategy_runs_end_to_end(name, tmp_path):
     run = continual.build(config, workdir)
     trainer = continual.Trainer(run, None, None, None, None, None)
     assert [trainer.step_fn(replay)._cache_size() for replay in (False, True)] == [1, has_replay]
+    # ER's memory rows: the 4 steps of experience 1, from a buffer of at most
+    # er_buffer_size=20 images of experience 0's classes.
+    assert [k for k, _ in buffers] == ([1] * 4 if name == strategies.ER else [])
+    for _, buffer in buffers:
+        assert len(buffer) == 20
+        assert set(run.train.labels[buffer]) <= set(run.experiences[0])
     if name in strategies.TEACHER_STRATEGIES:
         from gdjax.checkpoint import Checkpointer
         from gdjax.convert import restore_params
@@ -88,31 +102,88 @@ def test_every_strategy_runs_end_to_end(name, tmp_path):
 
 
 def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
+    """Killed twice, then resumed: at step 6 the newest checkpoint is experience 0's end
+    (step 4), so the resume freezes the teacher and trains the solver on experience 1 again;
+    killed again at step 8 (after its row is logged), it is step 7's, inside experience 1
+    (checkpoint_every=3), so the last resume starts at experience 1's step 3 with the teacher
+    and solver that checkpoint holds. Params and metric rows end as an uninterrupted run's."""
     config = tiny_config("full_generation_distillation", solver=True)
-    whole = continual.train(config, str(tmp_path / "whole"))
+    whole_dir, workdir = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    whole = continual.train(config, whole_dir)
 
-    # Kill the second run at the 6th step: the checkpoints at steps 3 and 4 (end of
-    # experience 0) exist, step 5 ran and was logged but never checkpointed.
     real_write = continual.MetricLogger.write
-    calls = {"n": 0}
+    real_train_experience = continual.train_experience
+    starts = []  # (experience, step) where each run's training loops begin
 
-    def dying_write(self, stream, step, metrics):
-        real_write(self, stream, step, metrics)
-        if stream == "train" and step == 6:
-            raise KeyboardInterrupt("killed")
+    def recording_train_experience(tr, k, start, *args, **kwargs):
+        starts.append((k, start))
+        return real_train_experience(tr, k, start, *args, **kwargs)
 
-    monkeypatch.setattr(continual.MetricLogger, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        continual.train(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(continual.MetricLogger, "write", real_write)
-    resumed = continual.train(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(continual, "train_experience", recording_train_experience)
+    for kill_at, newest in ((6, "4"), (8, "7")):
+        def dying_write(self, stream, step, metrics):
+            real_write(self, stream, step, metrics)
+            if stream == "train" and step == kill_at:
+                raise KeyboardInterrupt("killed")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(continual.MetricLogger, "write", dying_write)
+            with pytest.raises(KeyboardInterrupt):
+                continual.train(config, workdir)
+        assert max(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == newest
+        assert len(read_metrics(workdir, "train")) == kill_at  # logged past the checkpoint
+    resumed = continual.train(config, workdir)
+    assert starts == [(0, 0), (1, 0), (1, 0), (1, 3)]
 
     for a, b in zip(leaves(whole), leaves(resumed)):
         np.testing.assert_array_equal(a, b)
     for stream in ("train", "experience"):  # experience rows: the solver's accuracies too
-        assert read_metrics(str(tmp_path / "whole"), stream) == read_metrics(
-            str(tmp_path / "resumed"), stream)
-    assert "classifier_accuracy" in read_metrics(str(tmp_path / "resumed"), "experience")[1]
+        assert read_metrics(whole_dir, stream) == read_metrics(workdir, stream)
+    assert [r["step"] for r in read_metrics(workdir, "train")] == list(range(1, 9))
+    assert "classifier_accuracy" in read_metrics(workdir, "experience")[1]
+
+
+def test_epoch_budget_trains_whole_batches_of_each_experience(tmp_path, monkeypatch):
+    """train.epochs_per_experience=2 and no step budget, on the digits cut to 5 training
+    images per class: cumulative's experiences (5 classes, then 10) hold 25 and 50 rows, so
+    25 // 8 = 3 and 50 // 8 = 6 full batches per epoch (the remainder is dropped): 6 + 12."""
+    real_load = continual.gdata.load_dataset
+
+    def five_per_class(*args, **kwargs):
+        train, test = real_load(*args, **kwargs)
+        keep = np.concatenate([np.flatnonzero(train.labels == c)[:5] for c in train.classes])
+        return train.take(np.sort(keep)), test
+
+    monkeypatch.setattr(continual.gdata, "load_dataset", five_per_class)
+    config = tiny_config("cumulative", steps_per_experience=0, epochs_per_experience=2,
+                         checkpoint_every=1000)
+    state = continual.train(config, str(tmp_path))
+    assert int(state.step) == 2 * (25 // 8) + 2 * (50 // 8) == 18
+    rows = read_metrics(str(tmp_path), "train")
+    assert [r["step"] for r in rows] == list(range(1, 19))
+    assert [r["experience"] for r in rows] == [0] * 6 + [1] * 12
+    assert [r["step"] for r in read_metrics(str(tmp_path), "experience")] == [6, 18]
+
+
+def test_er_buffer_is_bounded_and_holds_only_past_classes(tmp_path):
+    """5 experiences, er_buffer_size=20: the buffer while learning experience k holds
+    20 // k images of each earlier experience (the first ones take the remainder), none of
+    experience k or later, each once; memory batches come from it."""
+    c = tiny_config("er")
+    c.data.n_experiences = 5
+    run = continual.build(c, str(tmp_path))
+    labels = run.train.labels
+    assert len(continual.er_buffer(run, 0)) == 0
+    quotas = {1: [20], 2: [10, 10], 3: [7, 7, 6], 4: [5, 5, 5, 5]}
+    for k, quota in quotas.items():
+        buffer = continual.er_buffer(run, k)
+        assert len(buffer) == 20 == c.strategy.er_buffer_size
+        assert len(np.unique(buffer)) == len(buffer)
+        assert [int(np.isin(labels[buffer], run.experiences[j]).sum()) for j in range(k)] == quota
+        assert not np.isin(labels[buffer], run.experiences[k:]).any()
+        memory = continual.memory_batch(run, buffer, k, step=3, rows=8)
+        in_buffer = (memory[:, None] == run.train.images[buffer][None]).all(axis=(2, 3, 4))
+        assert in_buffer.any(axis=1).all()
 
 
 def test_checkpoints_every_n_steps_and_at_each_experience_end(tmp_path, monkeypatch):
