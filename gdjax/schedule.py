@@ -54,6 +54,10 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
+# Timesteps are int32 on the device and every schedule array is held in memory; 1000 is usual.
+MAX_TIMESTEPS = 100_000
+
+
 def make_schedule(
         beta_schedule: str = "linear",
         *,
@@ -66,9 +70,10 @@ def make_schedule(
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(
             f"diffusion.beta_schedule={beta_schedule!r} is unknown; use one of {BETA_SCHEDULES}.")
-    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+    if not isinstance(num_train_timesteps, int) or not 2 <= num_train_timesteps <= MAX_TIMESTEPS:
         raise ValueError(
-            f"diffusion.num_train_timesteps={num_train_timesteps!r} must be an integer >= 2.")
+            f"diffusion.num_train_timesteps={num_train_timesteps!r} must be an integer in "
+            f"2..{MAX_TIMESTEPS} (the paper's models use 1000).")
     if beta_schedule == "linear":
         if not 0.0 < beta_start < beta_end < 1.0:
             raise ValueError(

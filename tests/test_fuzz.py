@@ -24,7 +24,9 @@ from tests.test_continual import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEAN = (ValueError, FileNotFoundError)
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+# GDJAX_FUZZ_EXAMPLES=400 python -m pytest tests/test_fuzz.py: the longer runs of the README.
+_EXAMPLES = int(os.environ.get("GDJAX_FUZZ_EXAMPLES", "40"))
+FUZZ = settings(max_examples=_EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 # How many inputs each fuzz test tried (README "Reliability" figures).
 TRIED: dict = {}
@@ -243,6 +245,18 @@ def test_cifar_batch_naming_an_unknown_codec_is_a_clean_error(tmp_path):
         sources.read_cifar10(str(tmp_path), "test")
 
 
+
+def test_cifar_batch_asking_for_a_huge_buffer_is_a_clean_error(tmp_path):
+    """Found by fuzzing (400 examples): a first byte turned into BYTEARRAY8 makes the
+    unpickler allocate the 8-byte length that follows, a MemoryError."""
+    data = b"\x96" + _GOOD_BATCH[1:]
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(data)
+    with pytest.raises(ValueError, match="not a valid CIFAR-10 python batch"):
+        sources.read_cifar10(str(tmp_path), "test")
+
+
 # ----------------------------------------------------------------------------- image folders
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -256,7 +270,7 @@ def _png(pixels: np.ndarray) -> bytes:
 _GOOD_PNG = _png(np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8))
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=max(25, _EXAMPLES * 5 // 8))
 @given(files=st.lists(st.tuples(st.sampled_from(["cat", "dog"]),
                                 st.one_of(st.just(_GOOD_PNG), damaged(_GOOD_PNG))),
                       min_size=1, max_size=4))

@@ -65,6 +65,7 @@ def test_add_noise_per_row_timesteps():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(beta_schedule="quadratic"), "beta_schedule"),
     (dict(num_train_timesteps=1), "num_train_timesteps"),
+    (dict(num_train_timesteps=2**70), "num_train_timesteps=1180591620717411303424 must be"),
     (dict(beta_start=0.03), "beta_start"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):

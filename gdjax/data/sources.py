@@ -186,7 +186,8 @@ def _parse_cifar_batch(data: bytes, path: str, fix: str) -> Arrays:
         images = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch["labels"], dtype=np.int32)
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError,
-            ValueError, IndexError, LookupError) as e:  # LookupError: an unknown codec name
+            ValueError, IndexError, LookupError, MemoryError) as e:
+        # LookupError: an unknown codec name; MemoryError: a damaged length asking for more
         raise ValueError(f"{path}: not a valid CIFAR-10 python batch ({e!r}). {fix}.") from e
     if images.ndim != 2 or images.shape[1] != 3072 or len(images) != len(labels):
         raise ValueError(f"{path}: expected data [N, 3072] and N labels, got data "
