@@ -25,6 +25,9 @@ naming the step still usable.
 
 Scope: a single process (any number of local devices). Arrays are restored on the host
 and then placed with the template's sharding.
+
+Test-only hook: `pause_point` lets a test stop the process at a named point (for instance
+in the middle of a checkpoint write) and SIGKILL it exactly there; see its docstring.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ _MANIFEST_FORMAT = 1
 _TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX
 _COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 _WRITER_JOIN_SECS = 60.0
+# Test-only (see `pause_point`): read once at import; never set them outside tests.
+PAUSE_AT_ENV, PAUSE_FILE_ENV = "GDJAX_TEST_PAUSE_AT", "GDJAX_TEST_PAUSE_FILE"
+_PAUSE_AT = os.environ.get(PAUSE_AT_ENV) or None
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,37 @@ class CheckpointWriteError(RuntimeError):
 
 class _Corrupt(Exception):
     """Internal: a step directory is unfinished, unreadable or fails its checksums."""
+
+
+def pause_point(*where) -> None:
+    """Test-only: stops this process for good if `where` is the point the tests asked for.
+
+    The points are named by their parts joined with "/", such as "checkpoint/4" (orbax has
+    written every item of checkpoint step 4 into its tmp directory but not committed it;
+    the thread that called `save` waits for it). With `GDJAX_TEST_PAUSE_AT` set to that
+    name, the process writes the name into the file `GDJAX_TEST_PAUSE_FILE` and sleeps
+    until killed, so that a test can SIGKILL it exactly there (tests/test_reliability.py).
+    Unset (always, outside tests), a point costs one comparison.
+    """
+    if _PAUSE_AT is None or "/".join(map(str, where)) != _PAUSE_AT:
+        return
+    marker = os.environ[PAUSE_FILE_ENV]
+    with open(f"{marker}.tmp", "w") as f:
+        f.write(_PAUSE_AT)
+    os.replace(f"{marker}.tmp", marker)  # the test never reads half a marker
+    while True:
+        time.sleep(60)
+
+
+class _PausingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """Orbax's tmp-dir-then-rename commit, with `pause_point("checkpoint", step)` before it.
+
+    Used only while `GDJAX_TEST_PAUSE_AT` is set.
+    """
+
+    async def finalize(self):
+        pause_point("checkpoint", self.get_final().name)
+        await super().finalize()
 
 
 def config_fingerprint(config_dict: Mapping[str, Any]) -> str:
@@ -273,6 +310,7 @@ class Checkpointer:
             # Orbax then leaves creating the root directory to us.
             multiprocessing_options=hosts.local_orbax_options(),
             create=False,
+            temporary_path_class=_PausingTemporaryPath if _PAUSE_AT else None,
         )
         self.directory.mkdir(parents=True, exist_ok=True)
         handlers = {
@@ -314,7 +352,7 @@ class Checkpointer:
             self._write_failed(step, e)
         self._writers = _new_threads(before)
         self._pending = step
-        if wait:
+        if wait or _PAUSE_AT == f"checkpoint/{step}":  # the test pause: stop the caller too
             self.wait()
 
     def wait(self) -> None:

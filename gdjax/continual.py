@@ -4,12 +4,16 @@ config -> data + model + schedule -> compiled steps -> this loop -> checkpoints,
 rows, sample grids, and an evaluation hook after each experience. A run killed at any
 moment and restarted with the same workdir resumes from its last checkpoint and ends
 with the same parameters and metrics: batches, noise and replay are pure functions of
-(seed, experience, step).
+(seed, experience, step). A full disk while writing metric rows, sample grids or params
+stops the run with `DiskFullError`, naming what failed and the checkpoint a rerun resumes
+from (checkpoint writes raise `CheckpointWriteError` the same way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -24,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
 from gdjax import generate, hosts, strategies, unet
-from gdjax.checkpoint import Checkpointer, config_fingerprint
+from gdjax.checkpoint import Checkpointer, CheckpointWriteError, config_fingerprint, pause_point
 from gdjax.config import validate_config
 from gdjax.convert import restore_params, save_params
 from gdjax.eval import metrics as eval_metrics
@@ -43,6 +47,13 @@ EvalHook = Callable[["Run", int, Any], dict]
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN or inf."""
+
+
+class DiskFullError(RuntimeError):
+    """A metric row, sample grid or params file could not be written: the disk is full.
+
+    The checkpoints are untouched; the message names the one a rerun resumes from.
+    """
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,9 +235,13 @@ def _checkpoint_tree(state, teacher, rng, solver) -> dict:
     return tree
 
 
-def save(tr: "Trainer", *, experience: int, step: int) -> None:
-    """Checkpoints everything a resume needs, as the start of (experience, step)."""
-    meta = {"experience": experience, "step_in_experience": step,
+def save(tr: "Trainer", *, experience: int, step: int, skipped: int = 0) -> None:
+    """Checkpoints everything a resume needs, as the start of (experience, step).
+
+    `skipped`: updates dropped (train.on_nan="skip") since the last train row, which the
+    next row counts; a resumed run takes them from here.
+    """
+    meta = {"experience": experience, "step_in_experience": step, "skipped": skipped,
             "fingerprint": config_fingerprint(tr.run.config.to_dict())}
     tr.ckpt.save(int(tr.state.step), _checkpoint_tree(tr.state, tr.teacher, tr.rng, tr.solver),
                  meta)
@@ -316,8 +331,11 @@ def _check_finite(metrics: dict, k: int, step: int, global_step: int, since: int
         f"or set train.on_nan='skip' to drop such updates.")
 
 
-def train_experience(tr: Trainer, k: int, start: int) -> None:
-    """Steps start..end of experience k, with logging and periodic checkpoints."""
+def train_experience(tr: Trainer, k: int, start: int, skipped: int = 0) -> None:
+    """Steps start..end of experience k, with logging and periodic checkpoints.
+
+    `skipped`: updates dropped since the last train row before `start` (from the checkpoint).
+    """
     run, t = tr.run, tr.run.config.train
     data, total = experience_data(run, k), num_steps(run, k)
     with_replay = _uses_replay(run, k)
@@ -329,13 +347,14 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
                                    num_steps=total, flip=run.config.data.flip,
                                    sharding=run.sharding, prefetch=run.config.data.prefetch)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
-    reported, checked, skipped = start, start - 1, jnp.int32(0)
+    reported, checked, skipped = start, start - 1, jnp.int32(skipped)
     with batches:
         for s in range(start, total):
             batch = {"image": next(batches)["image"]}
             if buffer is not None:
                 batch["memory"] = jax.device_put(memory_batch(run, buffer, k, s, rows), run.sharding)
             tr.state, metrics = step_fn(tr.state, tr.teacher, batch, tr.rng)
+            pause_point("train_step", k, s)  # test-only; the update exists only in memory
             if t.on_nan == "skip":
                 skipped = skipped + metrics.pop("skipped")  # stays on device until logged
             logs, saves = (s + 1) % t.log_every == 0 or s + 1 == total, _saves_at(t, s, total)
@@ -349,11 +368,12 @@ def train_experience(tr: Trainer, k: int, start: int) -> None:
             if logs:
                 if t.on_nan == "skip":
                     values["skipped"], skipped = int(skipped), jnp.int32(0)
-                tr.logger.write("train", int(tr.state.step), {"experience": k, **values})
+                log_row(tr, "train", int(tr.state.step), {"experience": k, **values})
                 progress.update(s + 1 - reported, loss=values["loss"])
                 reported = s + 1
             if saves:
-                save(tr, experience=k, step=s + 1)
+                save(tr, experience=k, step=s + 1,
+                     skipped=int(skipped) if t.on_nan == "skip" else 0)
     progress.close()
 
 
@@ -372,20 +392,73 @@ def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
                                num=e.grid_samples, image_shape=run.image_shape,
                                num_steps=e.steps, eta=e.eta, batch_size=e.grid_samples)
     if hosts.is_writer():
-        save_image_grid(images, os.path.join(run.workdir, "samples", f"experience_{k}.png"),
-                        upscale=max(1, 64 // run.image_shape[0]))
+        path = os.path.join(run.workdir, "samples", f"experience_{k}.png")
+        with writing(tr.ckpt, f"the sample grid of experience {k} to {path}"):
+            save_image_grid(images, path, upscale=max(1, 64 // run.image_shape[0]))
     if e.save_experience_params and hosts.is_writer():
         # Before the row is logged: a run killed in between saves them again on resume.
-        save_params(experience_params_dir(run.workdir, k), params, run.unet_config)
+        path = experience_params_dir(run.workdir, k)
+        with writing(tr.ckpt, f"the params of experience {k} to {path}"):
+            save_params(path, params, run.unet_config)
     row = {"experience": k, "classes_seen": len(gdata.seen_classes(run.experiences, k))}
     if tr.solver is not None:
         row.update(solver_metrics(tr, k))
     if eval_hook is not None:
+        pause_point("evaluation", k)  # test-only
         row.update(eval_hook(run, k, params))
-    tr.logger.write("experience", int(tr.state.step), row)
-    tr.logger.flush()
+    log_row(tr, "experience", int(tr.state.step), row)
+    with writing(tr.ckpt, f"the metric rows to {os.path.join(run.workdir, 'metrics')} (fsync)"):
+        tr.logger.flush()
     save(tr, experience=k + 1, step=0)
     tr.ckpt.wait()
+
+
+def log_row(tr: Trainer, stream: str, step: int, row: dict) -> None:
+    """Appends one metric row; a full disk raises DiskFullError."""
+    path = os.path.join(tr.run.workdir, "metrics", f"{stream}.jsonl")
+    with writing(tr.ckpt, f"the {stream!r} metric row of step {step} to {path}"):
+        tr.logger.write(stream, step, row)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err`, or an error it was raised from, says the disk (or quota) is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return True
+        # Orbax and tensorstore re-raise OS errors as their own types, with the text kept.
+        if any(os.strerror(code) in str(err) for code in _DISK_FULL):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(ckpt: Checkpointer, what: str):
+    """Runs a write of a run output; a full disk raises DiskFullError naming `what` and the
+    checkpoint that a rerun resumes from (other errors pass through)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; only a full disk is ours
+        if isinstance(e, (DiskFullError, CheckpointWriteError)) or not _disk_full(e):
+            raise
+        raise DiskFullError(f"could not write {what}: the disk is full ({type(e).__name__}: "
+                            f"{e}); {_resume_note(ckpt)}") from e
+
+
+def _resume_note(ckpt: Checkpointer) -> str:
+    try:
+        step = ckpt.latest_step()
+    except CheckpointWriteError:  # the checkpoint in flight hit the full disk too
+        step = ckpt.latest_step()
+    if step is None:
+        return "no checkpoint was written yet: free some space and rerun to start over"
+    return (f"the last checkpoint (step {step}) is intact: free some space and rerun with the "
+            f"same workdir to resume from it")
 
 
 def experience_params_dir(workdir: str, k: int) -> str:
@@ -410,6 +483,7 @@ def train_solver(tr: Trainer, k: int) -> solver_lib.SolverState:
     data = solver_data(run, k)
     with_replay = cfg.strategy == "generative_replay" and k > 0
     progress = Progress(cfg.epochs, f"solver {k + 1}/{len(run.experiences)} (epochs)")
+    pause_point("solver", k)  # test-only
     state = solver_lib.train_experience(
         cfg, state, images=data.images, labels=data.labels, experience=k,
         seed=run.config.seed, with_replay=with_replay, gen_apply=run.apply_fn,
@@ -445,7 +519,9 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     """Runs (or resumes) the whole experience sequence in `workdir`; returns the final state.
 
     `overwrite` first deletes what an earlier run left in `workdir` (checkpoints, metrics,
-    samples, final params), so a workdir of another config can be reused.
+    samples, final params), so a workdir of another config can be reused. Raises
+    NonFiniteLossError (train.on_nan="stop"), and DiskFullError or CheckpointWriteError
+    when the disk fills up; in every case the last checkpoint stays usable.
     """
     run = build(config, workdir)
     if overwrite and hosts.is_writer():
@@ -457,18 +533,20 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     solver = initial_solver(run)
     rng = jax.random.key(config.seed)
     restored = restore(ckpt, run, state, teacher, solver)
-    k, start = 0, 0
+    k, start, skipped = 0, 0, 0
     if restored is not None:
         state, teacher, rng, solver, meta = restored
         k, start = meta["experience"], meta["step_in_experience"]
+        skipped = meta.get("skipped", 0)
         log.info("resuming %s at experience %d, step %d", workdir, k, start)
     # Every process has read the checkpoint before process 0 writes (and prunes) any.
     hosts.barrier("gdjax: restored")
     logger = _NullLogger()
     if hosts.is_writer():
-        logger = MetricLogger(workdir, resume_step=_resume_step(run, restored, state),
-                              tensorboard=config.log.tensorboard, wandb=config.log.wandb,
-                              config=config.to_dict())
+        with writing(ckpt, f"the metric rows to {os.path.join(workdir, 'metrics')}"):
+            logger = MetricLogger(workdir, resume_step=_resume_step(run, restored, state),
+                                  tensorboard=config.log.tensorboard, wandb=config.log.wandb,
+                                  config=config.to_dict())
     tr = Trainer(run, ckpt, logger, state, teacher, rng, solver)
     try:
         for k in range(k, len(run.experiences)):
@@ -484,16 +562,21 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
             # step of every experience compile the step again.
             tr.state = tr.state._replace(
                 experience=jax.device_put(np.int32(k), run.replicated))
-            train_experience(tr, k, start)
+            train_experience(tr, k, start, skipped)
             end_experience(tr, k, eval_hook)
-            start = 0
+            start, skipped = 0, 0
+        # The final model on its own, in the format launch/convert.py writes: a teacher for
+        # train.mode="iid_distill" or for evaluation.
+        if hosts.is_writer():
+            path = os.path.join(workdir, "final_params")
+            with writing(ckpt, f"the final params to {path}"):
+                save_params(path, tr.state.params, run.unet_config)
     finally:
-        ckpt.close()
-        logger.close()
-    # The final model on its own, in the format launch/convert.py writes: a teacher for
-    # train.mode="iid_distill" or for evaluation.
-    if hosts.is_writer():
-        save_params(os.path.join(workdir, "final_params"), tr.state.params, run.unet_config)
+        try:
+            with writing(ckpt, f"the metric rows to {os.path.join(workdir, 'metrics')} (closing)"):
+                logger.close()
+        finally:
+            ckpt.close()
     return tr.state
 
 

@@ -214,8 +214,18 @@ class MetricLogger:
         if f is None:
             path = _stream_path(self.workdir, stream)
             f = self._files[stream] = open(path, "a", encoding="utf-8")
-        f.write(line + "\n")
-        f.flush()
+        try:
+            f.write(line + "\n")
+            f.flush()
+        except OSError:
+            # A full disk, say: drop the file with its unwritten tail, so that `close` does
+            # not fail on it again. A torn last line is dropped when the run resumes.
+            del self._files[stream]
+            try:
+                f.close()
+            except OSError:
+                pass
+            raise
         row = _decode_row(line)
         if self._tb is not None:
             for name, value in row.items():

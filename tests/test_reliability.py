@@ -5,9 +5,9 @@ bit for bit, metric rows exactly (none missing, none duplicated).
 """
 
 import errno
+import functools
 import glob
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,14 +15,19 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
-from gdjax import continual
+from gdjax import continual, strategies
 from gdjax.checkpoint import CheckpointWarning, CheckpointWriteError
 from gdjax.convert import restore_params
 from gdjax.logs import read_metrics
+from gdjax.schedule import make_schedule
+from gdjax.strategies import StrategyConfig
+from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
 from tests.test_continual import leaves, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,32 +74,19 @@ def _digits_command(workdir, data_dir, *extra):
             f"--workdir={workdir}", *extra]
 
 
-def _last_train_step(workdir):
-    try:
-        rows = read_metrics(workdir, "train")
-    except ValueError:  # caught mid-rewrite: look again next poll
-        return 0
-    return rows[-1]["step"] if rows else 0
-
-
-def _experience_rows(workdir):
-    try:
-        return len(read_metrics(workdir, "experience"))
-    except (ValueError, FileNotFoundError):
-        return 0
-
-
-def _run_and_kill(command, env, log, moment, delay, timeout=120.0):
-    """Starts the run, SIGKILLs it `delay` s after `moment()` holds; False if it ended first."""
+def _run_until_paused(command, env, log, point, marker, timeout=120.0):
+    """Starts the run with the test pause at `point` (gdjax.checkpoint.pause_point) and
+    SIGKILLs it once it stands there; False if it ended first."""
+    env = dict(env, GDJAX_TEST_PAUSE_AT=point, GDJAX_TEST_PAUSE_FILE=marker)
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
-    log.write(f"[test] started at {time.monotonic():.1f}\n".encode())
+    log.write(f"[test] started at {time.monotonic():.1f}, to pause at {point}\n".encode())
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if moment():
-                time.sleep(delay)
+            if os.path.exists(marker):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+                os.remove(marker)
                 log.write(f"[test] killed at {time.monotonic():.1f}\n".encode())
                 return True
             time.sleep(0.01)
@@ -104,6 +96,46 @@ def _run_and_kill(command, env, log, moment, delay, timeout=120.0):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _checkpoints(workdir):
+    """(committed steps, names of uncommitted step directories) under workdir/checkpoints,
+    told apart as gdjax/checkpoint.py does: orbax's commit file, its tmp suffix."""
+    root = os.path.join(workdir, "checkpoints")
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    committed = sorted(int(n) for n in names if n.isdigit() and os.path.exists(
+        os.path.join(root, n, ocp.path.atomicity.COMMIT_SUCCESS_FILE)))
+    return committed, [n for n in names if ocp.path.atomicity.TMP_DIR_SUFFIX in n]
+
+
+def _train_steps(workdir):
+    return [r["step"] for r in read_metrics(workdir, "train")]
+
+
+def _at_step_2(workdir):  # the step-2 update is only in memory: no row, no checkpoint
+    assert _train_steps(workdir) == [1] and _checkpoints(workdir) == ([], [])
+
+
+def _in_checkpoint_4(workdir):  # orbax wrote checkpoint 4 into its tmp dir, not committed
+    assert _train_steps(workdir) == [1, 2, 3, 4]
+    committed, tmp = _checkpoints(workdir)
+    assert committed == [2] and [n.split(".")[0] for n in tmp] == ["4"]
+    written = os.listdir(os.path.join(workdir, "checkpoints", tmp[0]))
+    assert {"state", "meta", "manifest"} <= set(written)
+    assert ocp.path.atomicity.COMMIT_SUCCESS_FILE not in written
+
+
+def _in_evaluation_0(workdir):  # grid written, metrics not yet, boundary checkpoint not yet
+    assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6] and _checkpoints(workdir) == ([2, 4], [])
+    assert os.path.exists(os.path.join(workdir, "samples", "experience_0.png"))
+    assert os.path.exists(os.path.join(continual.experience_params_dir(workdir, 0),
+                                       "unet_config.json"))
+    assert read_metrics(workdir, "experience") == []
+
+
+def _in_solver_1(workdir):  # experience 0 done and checkpointed; experience 1 not begun
+    assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6] and _checkpoints(workdir) == ([4, 6], [])
+    assert [r["experience"] for r in read_metrics(workdir, "experience")] == [0]
 
 
 @_ignore_closed_loop
@@ -126,19 +158,21 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     subprocess.run(_digits_command(whole, data_dir, "--overwrite"), cwd=ROOT, env=env,
                    stdout=log, stderr=subprocess.STDOUT, check=True, timeout=180)
 
-    rng = random.Random(5)
-    moments = [  # (what is going on, when it holds), in the order the run reaches them
-        ("a step before the first checkpoint", lambda: _last_train_step(killed) >= 1),
-        ("the checkpoint of step 4 being written",
-         lambda: glob.glob(os.path.join(killed, "checkpoints", "4*"))),
-        ("evaluation of experience 0",
-         lambda: os.path.exists(os.path.join(killed, "samples", "experience_0.png"))),
-        ("the classifier learning experience 1", lambda: _experience_rows(killed) >= 1),
+    # Each run stops at a named point (a test-only hook) and is killed there; what it left
+    # on disk shows where it was. In the order the run reaches them, each run resuming
+    # from what the one before left:
+    moments = [
+        ("train_step/0/1", _at_step_2),  # inside step 2, before the first checkpoint
+        ("checkpoint/4", _in_checkpoint_4),  # the checkpoint of step 4 being written
+        ("evaluation/0", _in_evaluation_0),  # entering the evaluation hook of experience 0
+        ("solver/1", _in_solver_1),  # the classifier starting to learn experience 1
     ]  # then experience 1 resumes from the boundary checkpoint, with its restored teacher
-    kills = 0
-    for what, moment in moments:
-        kills += _run_and_kill(_digits_command(killed, data_dir), env, log, moment,
-                               delay=rng.uniform(0.0, 0.3))
+    marker = str(tmp_path / "paused")
+    for point, where in moments:
+        killed_there = _run_until_paused(_digits_command(killed, data_dir), env, log, point,
+                                         marker)
+        assert killed_there, (point, open(tmp_path / "log.txt").read()[-3000:])
+        where(killed)
     log.write(f"[test] final run at {time.monotonic():.1f}\n".encode())
     log.flush()
     subprocess.run(_digits_command(killed, data_dir), cwd=ROOT, env=env, stdout=log,
@@ -146,8 +180,7 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     log.write(f"[test] done at {time.monotonic():.1f}\n".encode())
     log.close()
 
-    assert kills == len(moments), open(tmp_path / "log.txt").read()[-3000:]
-    print(f"\nsurvived {kills} SIGKILLs in {time.monotonic() - started:.0f} s")
+    print(f"\nsurvived {len(moments)} SIGKILLs in {time.monotonic() - started:.0f} s")
     rows = read_metrics(killed, "train")
     assert [r["step"] for r in rows] == list(range(1, 13))  # none lost, none twice
     for stream in ("train", "experience"):
@@ -214,6 +247,112 @@ def test_disk_full_while_checkpointing_stops_clearly_and_the_rerun_ends_equal(
             continual.train(config, workdir)
     state = continual.train(config, workdir)  # room again: resumes from step 3
     assert_same_run(workdir, reference, state)
+
+
+def _enospc():
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FullDiskFile:
+    """A file whose disk fills up at the first write for which `full(data)` holds: half of
+    that write reaches the real file; the rest stays pending, and that write, every later
+    one, flush and close raise ENOSPC, as a buffered file on a full disk does."""
+
+    def __init__(self, real, full):
+        self.real, self.full, self.pending = real, full, None
+
+    def write(self, data):
+        if self.pending is None and self.full(data):
+            self.real.write(data[:len(data) // 2])
+            self.real.flush()
+            self.pending = data[len(data) // 2:]
+        if self.pending is not None:
+            raise _enospc()
+        return self.real.write(data)
+
+    def flush(self):
+        if self.pending is not None:
+            raise _enospc()
+        self.real.flush()
+
+    def fileno(self):
+        return self.real.fileno()
+
+    def close(self):
+        self.real.close()
+        if self.pending is not None:
+            raise _enospc()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _disk_fills_in(patch, module, full):
+    """Makes `module`'s open() give files on a disk that fills up as `full` says."""
+    patch.setattr(module, "open", lambda *a, **k: _FullDiskFile(open(*a, **k), full),
+                  raising=False)
+
+
+@_ignore_closed_loop
+def test_disk_full_while_writing_outputs_stops_clearly_and_the_rerun_ends_equal(
+        tmp_path, monkeypatch, reference):
+    from gdjax import grid, logs
+    workdir = str(tmp_path / "run")
+    resume = r"the last checkpoint \(step {}\) is intact: free some space and rerun"
+    # The disk fills up while writing, in turn: the sample grid of experience 0, its
+    # params, the train row of step 6. Each time the run stops with our error, and the
+    # next run resumes from the checkpoint it names.
+    with monkeypatch.context() as patch:
+        _disk_fills_in(patch, grid, lambda data: True)
+        with pytest.raises(continual.DiskFullError,
+                           match=r"could not write the sample grid of experience 0 to "
+                                 r".*experience_0.png: the disk is full \(OSError: \[Errno 28\] "
+                                 r"No space left on device\); " + resume.format(3)):
+            continual.train(tiny_config(), workdir)
+    assert os.listdir(os.path.join(workdir, "samples")) == []  # no half PNG, no tmp file
+
+    real_save = ocp.handlers.StandardCheckpointHandler.async_save
+
+    async def full_for_params(self, directory, *args, **kwargs):
+        if "experience_params" in str(directory):
+            raise _enospc()
+        return await real_save(self, directory, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.handlers.StandardCheckpointHandler, "async_save", full_for_params)
+        with pytest.raises(continual.DiskFullError,
+                           match=r"could not write the params of experience 0 to .*"
+                                 r"experience_0: the disk is full .*" + resume.format(3)):
+            continual.train(tiny_config(), workdir)
+    # No params without their unet_config.json: restore_params refuses the half write.
+    assert not os.path.exists(os.path.join(continual.experience_params_dir(workdir, 0),
+                                           "unet_config.json"))
+
+    with monkeypatch.context() as patch:
+        _disk_fills_in(patch, logs, lambda data: data.startswith('{"step": 6,'))
+        with pytest.raises(continual.DiskFullError,
+                           match=r"could not write the 'train' metric row of step 6 to "
+                                 r".*train.jsonl: the disk is full .*" + resume.format(4)):
+            continual.train(tiny_config(), workdir)
+    # Rows 1..5 and half of row 6: the torn line is dropped when the run resumes.
+    text = open(os.path.join(workdir, "metrics", "train.jsonl")).read()
+    assert text.startswith('{"step": 1,') and not text.endswith("\n")
+    assert _train_steps(workdir) == [1, 2, 3, 4, 5]
+
+    state = continual.train(tiny_config(), workdir)  # room again
+    assert_same_run(workdir, reference, state)
+    for k in (0, 1):  # the grids and params the failed writes left out
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(os.path.join(workdir, "samples", f"experience_{k}.png"))),
+            np.asarray(Image.open(os.path.join(reference.workdir, "samples",
+                                               f"experience_{k}.png"))))
+        for a, b in zip(leaves(restore_params(continual.experience_params_dir(workdir, k))[1]),
+                        leaves(restore_params(continual.experience_params_dir(
+                            reference.workdir, k))[1])):
+            np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -311,16 +450,41 @@ def test_nan_after_a_checkpoint_keeps_it_and_the_rerun_resumes_from_it(tmp_path,
     assert read_metrics(workdir, "train") == read_metrics(whole_dir, "train")
 
 
+def _kill_after_checkpoint(monkeypatch, step):
+    real_save = continual.save
+
+    def dying_save(tr, **kwargs):
+        real_save(tr, **kwargs)
+        if int(tr.state.step) == step:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(continual, "save", dying_save)
+
+
 @_ignore_closed_loop
-def test_nan_skip_drops_only_the_bad_update(tmp_path, monkeypatch):
-    config = tiny_config(on_nan="skip", log_every=2)
+def test_nan_skip_drops_only_the_bad_update_and_a_resumed_run_still_counts_it(
+        tmp_path, monkeypatch):
+    config = tiny_config(on_nan="skip", log_every=2)  # checkpoints at steps 3, 4, 7, 8
+    whole_dir, workdir = str(tmp_path / "whole"), str(tmp_path / "run")
     _poison_batch(monkeypatch, at_step=2)
-    state = continual.train(config, str(tmp_path / "run"))
-    rows = read_metrics(str(tmp_path / "run"), "train")
+    whole = continual.train(config, whole_dir)
+    rows = read_metrics(whole_dir, "train")
     assert [r["skipped"] for r in rows] == [0, 1, 0, 0]  # steps 1-2, 3-4 (NaN at 3), ...
     assert np.isfinite(rows[1]["loss"]) and rows[1]["step"] == 4
-    assert all(np.isfinite(x).all() for x in leaves(state.params))
-    assert int(state.step) == 8
+    assert all(np.isfinite(x).all() for x in leaves(whole.params))
+    assert int(whole.step) == 8
+    # Killed right after the checkpoint of step 3, which holds the skip its row has not
+    # counted yet: the resumed run's row of step 4 must count it all the same.
+    with monkeypatch.context() as patch:
+        _kill_after_checkpoint(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            continual.train(config, workdir)
+    assert _train_steps(workdir) == [2]
+    monkeypatch.undo()
+    state = continual.train(config, workdir)
+    assert read_metrics(workdir, "train") == rows
+    for a, b in zip(leaves(state), leaves(whole)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_skipped_update_leaves_params_and_optimizer_state_bitwise_unchanged(tmp_path):
@@ -335,6 +499,95 @@ def test_skipped_update_leaves_params_and_optimizer_state_bitwise_unchanged(tmp_
     for a, b in zip(before, leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(a, b)
     assert int(new.step) == 1
+
+
+@jax.custom_vjp
+def _inf_gradient(x):
+    """The identity, with a gradient of +inf."""
+    return x
+
+
+_inf_gradient.defvjp(lambda x: (x, None), lambda _, g: (g + jnp.inf,))
+
+
+def _toy_apply(params, x, t):
+    """A per-pixel affine "denoiser": the step's logic without a UNet to compile."""
+    del t
+    return x * params["w"] + params["b"]
+
+
+POISONS = {
+    # One predicted pixel is +inf: the loss is +inf, the gradients finite (that pixel is a
+    # constant, no gradient flows through it).
+    "inf loss": lambda p, x, t: _toy_apply(p, x, t).at[0, 0, 0, 0].set(jnp.inf),
+    # The forward pass untouched, the gradient of one leaf +inf: a finite loss.
+    "inf gradient": lambda p, x, t: _toy_apply({**p, "b": _inf_gradient(p["b"])}, x, t),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _toy_step(apply_fn, on_nan):
+    return make_train_step(apply_fn=apply_fn, schedule=make_schedule("linear"),
+                           strategy=StrategyConfig(strategies.NAIVE),
+                           optimizer=make_optimizer(OptimConfig()), with_replay=False,
+                           on_nan=on_nan)
+
+
+@pytest.mark.parametrize("poison", POISONS)
+def test_inf_loss_or_gradient_norm_is_skipped_or_stops_naming_experience_and_step(poison):
+    params = {"w": jnp.full((1,), 0.5), "b": jnp.full((1,), 0.1)}
+    batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)),
+                                  jnp.float32)}
+    fresh = lambda: init_state(jax.tree.map(jnp.copy, params), make_optimizer(OptimConfig()))
+    key = jax.random.key(0)
+    _, clean = _toy_step(_toy_apply, "skip")(fresh(), None, batch, key)
+    assert int(clean["skipped"]) == 0 and np.isfinite(float(clean["grad_norm"]))
+    state = fresh()
+    before = leaves((state.params, state.opt_state))  # host copies: the state is donated
+    new, metrics = _toy_step(POISONS[poison], "skip")(state, None, batch, key)
+    values = {name: float(v) for name, v in metrics.items()}
+    if poison == "inf loss":
+        assert values["loss"] == np.inf and np.isfinite(values["grad_norm"])
+    else:
+        assert values["loss"] == float(clean["loss"]) and values["grad_norm"] == np.inf
+    assert values["skipped"] == 1 and int(new.step) == 1
+    for a, b in zip(before, leaves((new.params, new.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    # on_nan="stop": the step applies the update; the loop's check stops the run.
+    _, metrics = _toy_step(POISONS[poison], "stop")(fresh(), None, batch, key)
+    assert "skipped" not in metrics
+    bad = "data_loss, loss" if poison == "inf loss" else "grad_norm"
+    with pytest.raises(continual.NonFiniteLossError,
+                       match=rf"non-finite {bad} at experience 1, step 5 \(global step 10; it "
+                             rf"first appeared at step 5: .* the last good checkpoint is kept"):
+        continual._check_finite({name: float(v) for name, v in metrics.items()}, 1, 5, 10,
+                                since=4)
+
+
+@_ignore_closed_loop
+def test_inf_gradient_norm_under_a_finite_loss_stops_and_keeps_the_good_checkpoint(
+        tmp_path, monkeypatch):
+    # The step's metrics as a +inf gradient leaves them (the test above): loss finite.
+    real_step_fn = continual.Trainer.step_fn
+
+    def step_fn(self, with_replay):
+        real = real_step_fn(self, with_replay)
+
+        def step(state, teacher, batch, rng):
+            at = int(state.step)
+            state, metrics = real(state, teacher, batch, rng)
+            return state, ({**metrics, "grad_norm": jnp.float32(np.inf)} if at == 3 else metrics)
+
+        return step
+
+    monkeypatch.setattr(continual.Trainer, "step_fn", step_fn)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(continual.NonFiniteLossError,
+                       match=r"non-finite grad_norm at experience 0, step 3 \(global step 4; "
+                             r"it first appeared at step 2..3"):
+        continual.train(tiny_config(log_every=4, checkpoint_every=2), workdir)
+    assert _checkpoints(workdir) == ([2], [])
+    assert _train_steps(workdir) == []
 
 
 def test_on_nan_is_validated():

@@ -73,3 +73,48 @@ def test_sweep_refuses_duplicate_names(tmp_path):
     runs = make_runs(small_config(), ["naive"], ["42"])
     with pytest.raises(ValueError, match="distinct names"):
         sweep.run_sweep(runs + runs, str(tmp_path))
+
+
+def parse_reproduce(monkeypatch, *args):
+    """launch/reproduce.py's main under `args`, the sweep replaced by a recorder of its runs."""
+    from absl import flags
+    from launch import reproduce
+
+    recorded = {}
+
+    def fake_sweep(runs, root):
+        recorded.update(runs=runs, root=root)
+        return {}
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["reproduce", *args])
+    try:
+        reproduce.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    return recorded
+
+
+def test_reproduce_command_defaults_and_overrides(monkeypatch, tmp_path):
+    """The default sweep: 4 variants x seeds 42, 69, 1714 on split_digits, at 200 generator
+    steps and 5 solver epochs; 0 keeps the config's 300 and 10; flags narrow the sweep.
+
+    (The 0 case runs first: main() sets the halved schedule on the parsed config.)"""
+    got = parse_reproduce(monkeypatch, "--steps_per_experience=0", "--solver_epochs=0",
+                          "--variants=er", "--seeds=3", f"--root={tmp_path}")
+    assert got["root"] == str(tmp_path)
+    [(name, c)] = got["runs"]
+    assert (name, c.strategy.name, c.seed) == ("er_seed3", "er", 3)
+    assert (c.train.steps_per_experience, c.solver.epochs) == (300, 10)
+
+    got = parse_reproduce(monkeypatch)
+    assert got["root"] == "runs/reproduce_digits"
+    assert [name for name, _ in got["runs"]] == [
+        f"{v}_seed{s}" for v in ("naive", "cumulative", "generative_replay",
+                                 "generative_distillation") for s in (42, 69, 1714)]
+    assert {c.strategy.name for _, c in got["runs"]} == {
+        "naive", "cumulative", "no_distillation", "full_generation_distillation"}
+    for _, c in got["runs"]:
+        assert (c.data.name, c.train.steps_per_experience, c.solver.epochs) == ("digits", 200, 5)
+
