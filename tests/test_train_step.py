@@ -70,7 +70,7 @@ def test_replay_weights_sum_to_one():
     assert tuple(map(float, losses.replay_weights(jnp.int32(3), False))) == (1.0, 1.0)
 
 
-@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.LWF, strategies.ER])
+@pytest.mark.parametrize("name", [strategies.FULL_GENERATION])
 def test_steps_compile_once_and_keep_the_teacher_frozen(name, setup):
     # Every strategy, through the experience loop: test_continual.py's end-to-end test.
     student, teacher, batch = setup
@@ -92,11 +92,14 @@ def replay_key(step_index):
     return jax.random.split(rng, 3)
 
 
-@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.PARTIAL_GENERATION,
-                                  strategies.GAUSSIAN, strategies.GAUSSIAN_SYMMETRY,
+@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.GAUSSIAN_SYMMETRY,
                                   strategies.NO_DISTILLATION])
 def test_targets_are_the_teachers_predictions(name, setup):
-    """Recompute the step's replay rows and targets outside it, and its losses from them."""
+    """Recompute the step's replay rows and targets outside it, and its losses from them.
+
+    With the UNet; partial generation and plain gaussian distillation (and the other
+    options) are recomputed in float64 with a toy denoiser in test_strategy_options.py.
+    """
     student, teacher, batch = setup
     cfg = StrategyConfig(name, lambd=0.7)
     k_eps, k_t, k_replay = replay_key(0)
@@ -231,7 +234,9 @@ MULTI_DEVICE = textwrap.dedent("""
 
 
 def test_eight_devices_equal_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # The suite's fast-compile flag (conftest.py) kept: compilation dominates this test.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
     out = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
