@@ -452,9 +452,10 @@ def writing(ckpt: Checkpointer, what: str):
 
 def _resume_note(ckpt: Checkpointer) -> str:
     try:
-        step = ckpt.latest_step()
-    except CheckpointWriteError:  # the checkpoint in flight hit the full disk too
-        step = ckpt.latest_step()
+        ckpt.wait()
+    except CheckpointWriteError:
+        pass  # the checkpoint in flight hit the full disk too: the newest good one is older
+    step = ckpt.latest_step()
     if step is None:
         return "no checkpoint was written yet: free some space and rerun to start over"
     return (f"the last checkpoint (step {step}) is intact: free some space and rerun with the "
