@@ -1,25 +1,43 @@
-"""Reports over finished runs: the paper's table (strategies x seeds) as Markdown, CSV and PNG.
+"""Reports over finished runs: the paper's table (strategies x seeds) as Markdown, LaTeX, CSV
+and PNG.
 
 `write_report(workdirs, out_dir)` reads each run's `config.json` and its per-experience metric
 rows (`metrics/experience.jsonl`, or with `stream="evaluation"` the rows that
 launch/evaluate.py writes), groups the runs by strategy and writes into `out_dir`:
 
-- `report.md`: mean ± std over seeds at the last experience, one table per metric over the
-  experiences, the figures, and the list of runs used;
+- `report.md`: at the last experience, one table of every metric; then one table per metric
+  over the experiences, the figures, and the list of runs used;
+- `last_experience.tex`: the paper's metrics at the last experience as a LaTeX table
+  (booktabs), strategies as rows, each cell `mean \\pm SE`;
 - `last_experience.csv`, `per_experience.csv`: the same numbers in long format, one line per
-  (strategy, metric, experience) with mean, std and n; every numeric metric of the rows,
-  the per-class fractions `gen_frac_class_<c>` and per-experience accuracies
-  `classifier_acc_exp_<j>` included (the Markdown tables and plots leave those out);
-- `<metric>.png`: each metric against the experience, the mean with a ±std band per strategy;
-- `class_histogram.png`: per strategy, the mean generated class fractions at the last
+  (label, metric, experience) with columns `strategy` (the internal `strategy.name`), `label`
+  (the name the tables and plots show), `metric`, `experience`, `mean`, `sem`, `std`, `n`;
+  every numeric metric of the rows, the per-class fractions `gen_frac_class_<c>` and
+  per-experience accuracies `classifier_acc_exp_<j>` included (the tables and plots leave
+  those out);
+- `<metric>.png`: each metric against the experience, the mean with a ± SE band per strategy;
+- `class_histogram.png`: per strategy, the mean (± SE) generated class fractions at the last
   experience against the true class frequencies;
 - `samples.png`: the last-experience sample grid of each strategy's first seed, side by side.
 
-std is the sample standard deviation over seeds (ddof=1), NaN for a single seed. A strategy's
-label is its `strategy.name`; runs of one strategy whose configs differ in more than the seed
-(bookkeeping keys such as `log.*` aside) get the differing keys in their label, e.g.
-`full_generation_distillation (strategy.lambd=3.0)`. Experiences are 0-based, as in the metric
-files.
+Statistics over seeds, as the authors' report computes them: the mean and its standard error
+SE = population std (ddof 0) / sqrt(n); beside them the sample standard deviation std (ddof 1).
+The Markdown cells read `mean ± SE (std s)`; with one seed SE and std are NaN in the CSVs and
+absent from the tables and plots.
+
+Best entries: per metric at the last experience, the best entry is the lowest mean for a
+lower-is-better metric (LOWER_IS_BETTER) and the highest for solver accuracy, chosen, as in
+the authors' report, among the strategies other than the reference points naive and
+cumulative (NOT_CONTENDERS); every entry whose interval [mean - SE, mean + SE] overlaps the
+best's (a single seed: the mean alone) is bold, in the LaTeX and the Markdown table alike.
+A metric with no known direction, or a column with no contender, has no bold entry.
+
+Labels are in the paper's words (STRATEGY_LABELS: "generative distillation" for
+full_generation_distillation, "generative replay" for no_distillation, ...); runs of one
+strategy whose configs differ in more than the seed (bookkeeping keys such as `log.*` aside)
+get the differing keys in their label, e.g. `generative distillation (strategy.lambd=3.0)`.
+Metric headers are readable too (METRIC_LABELS, with ↓ lower / ↑ higher is better). File
+names keep the internal metric names. Experiences are 0-based, as in the metric files.
 """
 
 from __future__ import annotations
@@ -56,13 +74,32 @@ DETAIL_PREFIXES = (GEN_FRAC, TRUE_FRAC, "classifier_acc_exp_")
 # The paper's metrics first, in this order; any others follow alphabetically.
 METRIC_ORDER = ("fid", "kid", "kld", "ard", "fd_classifier", "kid_classifier",
                 "classifier_accuracy", "classifier_forgetting")
-LOWER_IS_BETTER = frozenset(METRIC_ORDER) - {"classifier_accuracy"}
+HIGHER_IS_BETTER = frozenset({"classifier_accuracy"})
+LOWER_IS_BETTER = frozenset(METRIC_ORDER) - HIGHER_IS_BETTER
+# The paper's words for the strategies (gdjax/strategies.py's names) and the metrics.
+STRATEGY_LABELS = {
+    strategies.NAIVE: "naive (fine-tuning)",
+    strategies.CUMULATIVE: "cumulative (joint)",
+    strategies.ER: "experience replay",
+    strategies.NO_DISTILLATION: "generative replay",
+    strategies.FULL_GENERATION: "generative distillation",
+    strategies.PARTIAL_GENERATION: "partial generation distillation",
+    strategies.GAUSSIAN: "gaussian distillation",
+    strategies.GAUSSIAN_SYMMETRY: "gaussian symmetry distillation",
+    strategies.LWF: "LwF distillation",
+}
+METRIC_LABELS = {"fid": "FID", "kid": "KID", "kld": "KLD", "ard": "ARD",
+                 "classifier_accuracy": "solver accuracy",
+                 "classifier_forgetting": "solver forgetting"}
+# The lower and upper reference points: the authors' table never picks them as the best
+# entry of a column, though they are bold where their interval overlaps the best's.
+NOT_CONTENDERS = frozenset({strategies.NAIVE, strategies.CUMULATIVE})
 # Config keys that cannot change a run's numbers (paths, logging, checkpoint cadence: a
 # resumed run ends bitwise equal), so runs differing only in them share a label.
 BOOKKEEPING_KEYS = frozenset({"seed", "data.data_dir", "data.prefetch", "train.log_every",
                               "train.checkpoint_every", "train.max_to_keep"})
 BOOKKEEPING_PREFIXES = ("log.",)
-CSV_COLUMNS = ("strategy", "metric", "experience", "mean", "std", "n")
+CSV_COLUMNS = ("strategy", "label", "metric", "experience", "mean", "sem", "std", "n")
 _FIGURE_NAMES = ("class_histogram", "samples")
 
 
@@ -90,17 +127,27 @@ class RunRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
-    """Mean and sample std (ddof=1; NaN when n = 1) of one metric over n seeds."""
+    """One metric over n seeds: the mean, its standard error (population std, ddof 0, over
+    sqrt(n), as the authors' report) and the sample std (ddof 1); both NaN when n = 1."""
 
     mean: float
+    sem: float
     std: float
     n: int
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """[mean - SE, mean + SE]; the mean alone for one seed."""
+        half = 0.0 if math.isnan(self.sem) else self.sem
+        return self.mean - half, self.mean + half
 
 
 def summarize(values: Sequence[float]) -> Stat:
     a = np.asarray(values, np.float64)
-    std = float(a.std(ddof=1)) if len(a) > 1 else math.nan
-    return Stat(float(a.mean()), std, len(a))
+    if len(a) < 2:
+        return Stat(float(a.mean()), math.nan, math.nan, len(a))
+    return Stat(float(a.mean()), float(a.std(ddof=0) / math.sqrt(len(a))),
+                float(a.std(ddof=1)), len(a))
 
 
 # label -> metric -> experience -> Stat
@@ -204,8 +251,8 @@ def _show(value) -> str:
 
 
 def assign_labels(runs: Sequence[RunRecord]) -> None:
-    """Sets each run's label: its strategy name, plus the config values that set it apart
-    from other runs of that strategy. Raises if one label holds a seed twice."""
+    """Sets each run's label: its strategy in the paper's words, plus the config values that
+    set it apart from other runs of that strategy. Raises if one label holds a seed twice."""
     by_strategy = collections.defaultdict(list)
     for run in runs:
         by_strategy[run.strategy].append(run)
@@ -214,7 +261,8 @@ def assign_labels(runs: Sequence[RunRecord]) -> None:
         for run in group:
             flat = _flatten(run.config)
             extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
-            run.label = f"{name} ({extra})" if extra else name
+            words = STRATEGY_LABELS.get(name, name)
+            run.label = f"{words} ({extra})" if extra else words
     seen: dict[tuple, str] = {}
     for run in runs:
         other = seen.setdefault((run.label, json.dumps(run.seed)), run.workdir)
@@ -289,6 +337,26 @@ def metric_names(table: Table, *, details: bool = False) -> list[str]:
     return known + sorted(names - set(known))
 
 
+def _direction(metric: str) -> int:
+    """-1 if lower is better, +1 if higher is, 0 if unknown."""
+    return -1 if metric in LOWER_IS_BETTER else 1 if metric in HIGHER_IS_BETTER else 0
+
+
+def best_entries(groups, table: Table, last: dict[str, int], metric: str) -> set[str]:
+    """The labels to show in bold for `metric` at their last experience: those whose interval
+    overlaps the best contender's (see the module docstring); empty if `metric` has no
+    known direction or no contender has a finite mean."""
+    stats = {label: table[label].get(metric, {}).get(last[label]) for label in groups}
+    stats = {label: s for label, s in stats.items() if s is not None and math.isfinite(s.mean)}
+    contenders = [label for label in stats if groups[label][0].strategy not in NOT_CONTENDERS]
+    if not _direction(metric) or not contenders:
+        return set()
+    pick = min if _direction(metric) < 0 else max  # the first of equal means
+    low, high = stats[pick(contenders, key=lambda label: stats[label].mean)].interval
+    return {label for label, s in stats.items()
+            if s.interval[0] <= high and s.interval[1] >= low}
+
+
 # ----------------------------------------------------------------------------- files
 
 def _atomic_write(path: str, data: bytes) -> str:
@@ -309,14 +377,16 @@ def _save_figure(fig: Figure, path: str, *, tight: bool = False) -> str:
     return _atomic_write(path, buffer.getvalue())
 
 
-def _csv_rows(table: Table, experiences: dict[str, Sequence[int]]) -> list[tuple]:
+def _csv_rows(groups, table: Table, experiences: dict[str, Sequence[int]]) -> list[tuple]:
     rows = []
     for label, per_metric in table.items():
+        strategy = groups[label][0].strategy
         for metric in metric_names({label: per_metric}, details=True):
             for k in experiences[label]:
                 if k in per_metric[metric]:
                     s = per_metric[metric][k]
-                    rows.append((label, metric, k, repr(s.mean), repr(s.std), s.n))
+                    rows.append((strategy, label, metric, k, repr(s.mean), repr(s.sem),
+                                 repr(s.std), s.n))
     return rows
 
 
@@ -343,9 +413,12 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
     out = functools.partial(os.path.join, out_dir)
     all_k = {label: sorted({k for r in runs for k in r.rows}) for label, runs in groups.items()}
     written = {
-        "per_experience.csv": _write_csv(out("per_experience.csv"), _csv_rows(table, all_k)),
+        "per_experience.csv": _write_csv(out("per_experience.csv"),
+                                         _csv_rows(groups, table, all_k)),
         "last_experience.csv": _write_csv(out("last_experience.csv"), _csv_rows(
-            table, {label: [k] for label, k in last.items()})),
+            groups, table, {label: [k] for label, k in last.items()})),
+        "last_experience.tex": _atomic_write(out("last_experience.tex"), latex_table(
+            groups, table, last).encode("utf-8")),
     }
     for metric in metric_names(table):
         written[_figure_file(metric)] = _save_figure(
@@ -364,17 +437,24 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
 
 # ----------------------------------------------------------------------------- Markdown
 
-def _cell(stat: Stat | None, n_runs: int) -> str:
+def _cell(stat: Stat | None, n_runs: int, *, bold: bool = False) -> str:
+    """`mean ± SE (std s)`; one seed: the mean alone; `n=k` when fewer seeds than the row."""
     if stat is None:
         return "–"
-    text = f"{stat.mean:.4g}" if math.isnan(stat.std) else f"{stat.mean:.4g} ± {stat.std:.2g}"
-    return text if stat.n == n_runs else f"{text} (n={stat.n})"
+    text, notes = f"{stat.mean:.4g}", []
+    if not math.isnan(stat.sem):
+        text += f" ± {stat.sem:.2g}"
+        notes.append(f"std {stat.std:.2g}")
+    if stat.n != n_runs:
+        notes.append(f"n={stat.n}")
+    text += f" ({', '.join(notes)})" if notes else ""
+    return f"**{text}**" if bold else text
 
 
 def _header(metric: str) -> str:
-    if metric in LOWER_IS_BETTER:
-        return f"{metric} ↓"
-    return f"{metric} ↑" if metric == "classifier_accuracy" else metric
+    """The metric's readable name with ↓ (lower is better) or ↑ (higher is better)."""
+    arrow = {-1: " ↓", 1: " ↑", 0: ""}[_direction(metric)]
+    return METRIC_LABELS.get(metric, metric) + arrow
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -389,12 +469,15 @@ def _classes_seen(runs: Sequence[RunRecord], k: int) -> str:
 
 
 def _last_table(groups, table: Table, last: dict[str, int], metrics: list[str]) -> list[str]:
+    bold = {m: best_entries(groups, table, last, m) for m in metrics}
     rows = []
     for label, runs in groups.items():
         k, n = last[label], sum(last[label] in r.rows for r in runs)
-        cells = [_cell(table[label].get(m, {}).get(k), n) for m in metrics]
+        cells = [_cell(table[label].get(m, {}).get(k), n, bold=label in bold[m])
+                 for m in metrics]
         rows.append([label, str(n), str(k), _classes_seen(runs, k), *cells])
-    header = ["strategy", "n", "experience", "classes seen", *map(_header, metrics)]
+    header = ["strategy", "n", "experience", "classes seen",
+              *(f"{_header(m)} (mean ± SE)" for m in metrics)]
     return _table(header, rows)
 
 
@@ -412,6 +495,11 @@ def _runs_table(groups) -> list[str]:
     return _table(["strategy", "seed", "last experience", "workdir"], rows)
 
 
+def _reference_points() -> str:
+    names = sorted(NOT_CONTENDERS, key=strategies.STRATEGIES.index)
+    return " and ".join(STRATEGY_LABELS[name] for name in names)
+
+
 def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[str],
              stream: str) -> str:
     """The text of report.md."""
@@ -419,13 +507,21 @@ def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[st
     metrics = metric_names(table)
     lines = [f"# gdjax report: {runs[0].config['data']['name']}", "",
              f"Runs: {len(runs)}; strategies: {len(groups)}; rows of `metrics/{stream}.jsonl`. "
-             "Each cell is the mean ± std over seeds, where std is the sample standard "
-             "deviation (ddof=1) and n the number of seeds (no std for one seed; "
-             "`(n=k)` marks a cell with fewer seeds than its row). Experiences are 0-based, "
-             "as in the metric files; ↓ lower is better, ↑ higher is better.", "",
-             "## At the last experience", ""]
+             "Each cell is `mean ± SE (std s)` over seeds: SE is the standard error of the "
+             "mean, the population standard deviation (ddof 0) over sqrt(n), as in the "
+             "authors' report; std is the sample standard deviation (ddof 1); n is the "
+             "number of seeds (one seed: the mean alone; `n=k` marks a cell with fewer "
+             "seeds than its row). Experiences are 0-based, as in the metric files; "
+             "↓ lower is better, ↑ higher is better.", "",
+             "## At the last experience", "",
+             "**Bold**: per column, the entries whose interval mean ± SE overlaps that of the "
+             "best entry (lowest mean for ↓, highest for ↑), the best being chosen, as in the "
+             f"authors' report, among the strategies other than {_reference_points()}; "
+             "the interval of a single seed is its mean. The same table for LaTeX: "
+             "[last_experience.tex](last_experience.tex).", ""]
     lines += _last_table(groups, table, last, metrics)
-    lines += ["", "## Per experience", "", "Columns are experiences."]
+    lines += ["", "## Per experience", "",
+              "Columns are experiences; each cell is `mean ± SE (std s)` over seeds."]
     for metric in metrics:
         lines += ["", f"### {_header(metric)}", ""] + _metric_table(groups, table, metric)
     lines += ["", "## Figures", ""]
@@ -438,10 +534,76 @@ def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[st
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- LaTeX
+
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                   "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}",
+                   "|": r"\textbar{}"}
+
+
+def latex_escape(text: str) -> str:
+    """`text` with LaTeX's special characters escaped (one pass: nothing is escaped twice)."""
+    return re.sub(r"[\\&%$#_{}~^<>|]", lambda m: _LATEX_SPECIALS[m.group()], text)
+
+
+def _latex_header(metric: str) -> str:
+    arrow = {-1: r" $\downarrow$", 1: r" $\uparrow$", 0: ""}[_direction(metric)]
+    return latex_escape(METRIC_LABELS.get(metric, metric)) + arrow
+
+
+def _decimals(stats: Iterable[Stat]) -> int:
+    """3, as in the authors' table, or more where the column's largest |mean| would keep
+    fewer than 3 significant digits (a KID of 0.0012)."""
+    top = max((abs(s.mean) for s in stats if math.isfinite(s.mean)), default=0.0)
+    return max(3, 2 - math.floor(math.log10(top))) if top > 0 else 3
+
+
+def _latex_cell(stat: Stat | None, n_runs: int, decimals: int, bold: bool) -> str:
+    if stat is None:
+        return "--"
+    text = f"{stat.mean:.{decimals}f}"
+    if not math.isnan(stat.sem):
+        text += rf" $\pm$ {stat.sem:.{decimals}f}"
+    if stat.n != n_runs:
+        text += f" ($n{{=}}{stat.n}$)"
+    return rf"\textbf{{{text}}}" if bold else text
+
+
+def latex_table(groups, table: Table, last: dict[str, int]) -> str:
+    """The text of last_experience.tex: a booktabs table, one row per label, one column per
+    paper metric (METRIC_ORDER; every metric if none is present) at the label's last
+    experience, cells mean ± SE, the entries of `best_entries` in bold."""
+    metrics = [m for m in metric_names(table) if m in METRIC_ORDER] or metric_names(table)
+    stat = {(label, m): table[label].get(m, {}).get(last[label]) for label in groups
+            for m in metrics}
+    decimals = {m: _decimals(stat[label, m] for label in groups
+                             if stat[label, m] is not None)
+                for m in metrics}
+    bold = {m: best_entries(groups, table, last, m) for m in metrics}
+    rows = []
+    for label, runs in groups.items():
+        n = sum(last[label] in r.rows for r in runs)
+        cells = [_latex_cell(stat[label, m], n, decimals[m], label in bold[m]) for m in metrics]
+        rows.append("    " + " & ".join([latex_escape(label), *cells]) + r" \\")
+    name = latex_escape(str(next(iter(groups.values()))[0].config["data"]["name"]))
+    caption = (rf"{name}, last experience: mean $\pm$ standard error over seeds (population "
+               r"standard deviation over $\sqrt{n}$). Bold: the interval overlaps the best "
+               rf"entry's, the best chosen among strategies other than "
+               rf"{latex_escape(_reference_points())}.")
+    return "\n".join([
+        r"% gdjax report (gdjax/report.py); needs \usepackage{booktabs}",
+        r"\begin{table}[t]", r"  \centering", rf"  \caption{{{caption}}}",
+        r"  \label{tab:last_experience}", rf"  \begin{{tabular}}{{l{'c' * len(metrics)}}}",
+        r"    \toprule",
+        "    " + " & ".join(["strategy", *map(_latex_header, metrics)]) + r" \\",
+        r"    \midrule", *rows, r"    \bottomrule", r"  \end{tabular}", r"\end{table}", ""])
+
+
 # ----------------------------------------------------------------------------- figures
 
 def metric_figure(table: Table, metric: str) -> Figure:
-    """`metric` against the experience: per label the mean, and a ±std band."""
+    """`metric` against the experience: per label the mean, and a ± SE band."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for label, per_metric in table.items():
@@ -450,12 +612,12 @@ def metric_figure(table: Table, metric: str) -> Figure:
             continue
         ks = np.array(sorted(stats))
         mean = np.array([stats[k].mean for k in ks])
-        std = np.nan_to_num(np.array([stats[k].std for k in ks]))  # one seed: no band
+        sem = np.nan_to_num(np.array([stats[k].sem for k in ks]))  # one seed: no band
         line, = ax.plot(ks, mean, marker="o", label=label)
-        ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.fill_between(ks, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("experience (0-based)")
     ax.set_ylabel(_header(metric))
-    ax.set_title(f"{metric}: mean ± std over seeds")
+    ax.set_title(f"{_header(metric)}: mean over seeds, band ± standard error")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -498,8 +660,8 @@ def _histogram_data(runs: Sequence[RunRecord], k: int):
 
 
 def class_histogram_figure(groups, last: dict[str, int]) -> Figure | None:
-    """Per label: mean (± std) generated class fractions at its last experience, beside the
-    true frequencies; None when no run logged class fractions."""
+    """Per label: mean (± SE over seeds) generated class fractions at its last experience,
+    beside the true frequencies; None when no run logged class fractions."""
     data = {label: _histogram_data(runs, last[label]) for label, runs in groups.items()}
     data = {label: d for label, d in data.items() if d is not None}
     if not data:
@@ -508,10 +670,10 @@ def class_histogram_figure(groups, last: dict[str, int]) -> Figure | None:
     axes = fig.subplots(len(data), 1, squeeze=False)[:, 0]
     for ax, (label, (gen, true)) in zip(axes, data.items()):
         x = np.arange(gen.shape[1])
-        std = np.nan_to_num(gen.std(axis=0, ddof=1)) if len(gen) > 1 else None
+        sem = gen.std(axis=0, ddof=0) / math.sqrt(len(gen)) if len(gen) > 1 else None
         ax.bar(x - 0.2, true.mean(axis=0), 0.4, color="0.6", label="true")
-        ax.bar(x + 0.2, gen.mean(axis=0), 0.4, yerr=std, color="tab:orange", capsize=2,
-               label="generated (mean ± std)")
+        ax.bar(x + 0.2, gen.mean(axis=0), 0.4, yerr=sem, color="tab:orange", capsize=2,
+               label="generated (mean ± standard error)")
         ax.set_title(f"{label}: experience {last[label]}, n={len(gen)}", fontsize=9)
         ax.set_xticks(x)
         ax.set_ylabel("fraction")

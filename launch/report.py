@@ -3,8 +3,10 @@
     python -m launch.report --runs='runs/digits_*' --out=reports/digits
     python -m launch.report --runs=runs/a,runs/b,'sweep/*/seed*' --out=reports/x --stream=evaluation
 
-Writes report.md, last_experience.csv, per_experience.csv, <metric>.png, class_histogram.png
-and samples.png into --out (see gdjax/report.py).
+Writes report.md, last_experience.tex, last_experience.csv, per_experience.csv, <metric>.png,
+class_histogram.png and samples.png into --out: mean ± standard error over seeds with the
+sample std beside it, the entries overlapping the best in bold, strategies in the paper's words
+(see gdjax/report.py).
 """
 
 from absl import app, flags

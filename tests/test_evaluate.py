@@ -113,7 +113,7 @@ def test_every_saved_generator_is_evaluated(saved_run):
     # The report reads these rows as it reads the training-time ones.
     out = report.write_report([workdir], os.path.join(workdir, "report"), stream="evaluation")
     assert {"checksum.png", "kld.png"} <= set(out) and "num_samples.png" not in out
-    assert "| naive | 1 | 1 | 10 | 0.25 | " in open(out["report.md"]).read()
+    assert "| naive (fine-tuning) | 1 | 1 | 10 | 0.25 | " in open(out["report.md"]).read()
 
 
 def test_re_evaluation_replaces_only_its_rows(tmp_path):

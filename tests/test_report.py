@@ -1,8 +1,10 @@
 """Tests of gdjax/report.py and launch/report.py: the strategies x seeds report.
 
 Most tests write the runs themselves (config.json, metric rows through MetricLogger, a sample
-grid) and check the report's numbers against means and sample stds computed here with the
-`statistics` module; one trains a tiny 2-experience digits run and reports it.
+grid) and check the report's numbers against means, standard errors (population std over
+sqrt(n)) and sample stds computed here with the `statistics` and `math` modules, and the bold
+entries of the LaTeX and Markdown tables against overlap sets computed here; one trains a tiny
+2-experience digits run and reports it.
 """
 
 import csv
@@ -28,6 +30,14 @@ from gdjax.logs import MetricLogger
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (42, 69, 1714)
 STRATEGIES = ("naive", "full_generation_distillation")
+# The paper's words, written out here rather than read from report.STRATEGY_LABELS.
+LABELS = {"naive": "naive (fine-tuning)", "cumulative": "cumulative (joint)",
+          "er": "experience replay", "no_distillation": "generative replay",
+          "full_generation_distillation": "generative distillation",
+          "partial_generation_distillation": "partial generation distillation",
+          "gaussian_distillation": "gaussian distillation",
+          "gaussian_symmetry_distillation": "gaussian symmetry distillation",
+          "lwf_distillation": "LwF distillation"}
 N_EXP = 5
 
 
@@ -87,9 +97,20 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def hand_sem(values):
+    """The authors' standard error: population std (ddof 0) over sqrt(n)."""
+    return statistics.pstdev(values) / math.sqrt(len(values))
+
+
 def hand_stats(written, strategy, metric, k):
+    """(mean, standard error, sample std) over SEEDS."""
     values = [written[strategy, seed][k][metric] for seed in SEEDS]
-    return statistics.mean(values), statistics.stdev(values)  # stdev: ddof=1
+    return statistics.mean(values), hand_sem(values), statistics.stdev(values)  # stdev: ddof 1
+
+
+def hand_cell(mean, sem, std, bold=False):
+    text = f"{mean:.4g} ± {sem:.2g} (std {std:.2g})"
+    return f"**{text}**" if bold else text
 
 
 def markdown_rows(text, heading):
@@ -109,8 +130,8 @@ def markdown_rows(text, heading):
 
 def test_files_written(written_report):
     out, written = written_report
-    expected = {"report.md", "last_experience.csv", "per_experience.csv", "kld.png", "ard.png",
-                "fd_classifier.png", "class_histogram.png", "samples.png"}
+    expected = {"report.md", "last_experience.csv", "last_experience.tex", "per_experience.csv",
+                "kld.png", "ard.png", "fd_classifier.png", "class_histogram.png", "samples.png"}
     assert set(written) == expected
     assert all(written[name] == os.path.join(out, name) for name in expected)
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
@@ -118,12 +139,16 @@ def test_files_written(written_report):
 
 def test_per_experience_csv_matches_hand_computed(grid_runs, written_report):
     rows = read_csv(written_report[1]["per_experience.csv"])
-    assert list(rows[0]) == ["strategy", "metric", "experience", "mean", "std", "n"]
+    assert list(rows[0]) == ["strategy", "label", "metric", "experience", "mean", "sem", "std",
+                             "n"]
     # 2 strategies x 5 experiences x (3 metrics + 10 class fractions)
     assert len(rows) == 2 * N_EXP * 13
     for row in rows:
-        mean, std = hand_stats(grid_runs[1], row["strategy"], row["metric"], int(row["experience"]))
+        assert row["label"] == LABELS[row["strategy"]]
+        mean, sem, std = hand_stats(grid_runs[1], row["strategy"], row["metric"],
+                                    int(row["experience"]))
         assert float(row["mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-15)
+        assert float(row["sem"]) == pytest.approx(sem, rel=1e-9)
         assert float(row["std"]) == pytest.approx(std, rel=1e-9)
         assert row["n"] == "3"
 
@@ -134,17 +159,25 @@ def test_last_experience_csv_and_markdown(grid_runs, written_report):
     assert {r["experience"] for r in rows} == {str(N_EXP - 1)}
     by_key = {(r["strategy"], r["metric"]): r for r in rows}
     text = open(written["report.md"]).read()
-    assert "sample standard deviation (ddof=1)" in text
+    assert "sample standard deviation (ddof 1)" in text
+    assert "population standard deviation (ddof 0) over sqrt(n)" in text
     header, table = markdown_rows(text, "## At the last experience")
-    assert header == ["strategy", "n", "experience", "classes seen", "kld ↓", "ard ↓",
-                      "fd_classifier ↓"]
-    assert list(table) == list(STRATEGIES)  # the canonical strategy order
-    for strategy in STRATEGIES:
-        assert table[strategy][1:4] == ["3", str(N_EXP - 1), "10"]
-        for column, metric in zip(header[4:], ("kld", "ard", "fd_classifier")):
-            mean, std = hand_stats(grid_runs[1], strategy, metric, N_EXP - 1)
-            assert float(by_key[strategy, metric]["mean"]) == pytest.approx(mean, rel=1e-12)
-            assert table[strategy][header.index(column)] == f"{mean:.4g} ± {std:.2g}"
+    assert header == ["strategy", "n", "experience", "classes seen", "KLD ↓ (mean ± SE)",
+                      "ARD ↓ (mean ± SE)", "fd_classifier ↓ (mean ± SE)"]
+    assert list(table) == [LABELS[s] for s in STRATEGIES]  # the canonical strategy order
+    last = N_EXP - 1
+    for column, metric in zip(header[4:], ("kld", "ard", "fd_classifier")):
+        # generative distillation is the only contender, so the best; naive is bold where
+        # its interval overlaps the best's.
+        gd, naive = (hand_stats(grid_runs[1], s, metric, last) for s in reversed(STRATEGIES))
+        naive_bold = naive[0] - naive[1] <= gd[0] + gd[1] and naive[0] + naive[1] >= gd[0] - gd[1]
+        for strategy, stats, bold in (("naive", naive, naive_bold),
+                                      ("full_generation_distillation", gd, True)):
+            row = table[LABELS[strategy]]
+            assert row[1:4] == ["3", str(last), "10"]
+            assert float(by_key[strategy, metric]["mean"]) == pytest.approx(stats[0], rel=1e-12)
+            assert float(by_key[strategy, metric]["sem"]) == pytest.approx(stats[1], rel=1e-9)
+            assert row[header.index(column)] == hand_cell(*stats, bold=bold)
 
 
 def test_per_experience_markdown_tables(grid_runs, written_report):
@@ -152,12 +185,12 @@ def test_per_experience_markdown_tables(grid_runs, written_report):
     header, table = markdown_rows(text, "### fd_classifier ↓")
     assert header == ["strategy"] + [str(k) for k in range(N_EXP)]
     for strategy in STRATEGIES:
-        for k in range(N_EXP):
-            mean, std = hand_stats(grid_runs[1], strategy, "fd_classifier", k)
-            assert table[strategy][1 + k] == f"{mean:.4g} ± {std:.2g}"
+        for k in range(N_EXP):  # no bold in the per-experience tables
+            stats = hand_stats(grid_runs[1], strategy, "fd_classifier", k)
+            assert table[LABELS[strategy]][1 + k] == hand_cell(*stats)
     runs = [line.split("|")[1:3] for line in text.split("## Runs")[1].strip().splitlines()[2:]]
     assert [(s.strip(), seed.strip()) for s, seed in runs] == [
-        (s, str(seed)) for s in STRATEGIES for seed in SEEDS]  # numeric seed order
+        (LABELS[s], str(seed)) for s in STRATEGIES for seed in SEEDS]  # numeric seed order
 
 
 def test_pngs_open_with_sane_sizes(written_report):
@@ -179,31 +212,34 @@ def _bands(ax):
     return [c for c in ax.collections if isinstance(c, PolyCollection)]
 
 
-def test_metric_figure_draws_hand_computed_means_and_std_bands(grid_runs):
+def test_metric_figure_draws_hand_computed_means_and_standard_error_bands(grid_runs):
     """Per strategy one line through the means and one band whose extent at each experience
-    is mean ± sample std, both computed here from the written rows."""
+    is mean ± standard error, both computed here from the written rows; the legend and the
+    title in words."""
     fig = report.metric_figure(report.per_experience(report.load_runs(grid_runs[0])),
                                "fd_classifier")
     ax, = fig.axes
-    assert [line.get_label() for line in ax.lines] == list(STRATEGIES)
+    assert [line.get_label() for line in ax.lines] == [LABELS[s] for s in STRATEGIES]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [LABELS[s] for s in STRATEGIES]
+    assert "band ± standard error" in ax.get_title()
     assert len(_bands(ax)) == len(STRATEGIES)
     for line, band, strategy in zip(ax.lines, _bands(ax), STRATEGIES):
-        mean, std = np.array([hand_stats(grid_runs[1], strategy, "fd_classifier", k)
-                              for k in range(N_EXP)]).T
+        mean, sem, _ = np.array([hand_stats(grid_runs[1], strategy, "fd_classifier", k)
+                                 for k in range(N_EXP)]).T
         np.testing.assert_array_equal(line.get_xdata(), np.arange(N_EXP))
         np.testing.assert_allclose(line.get_ydata(), mean, rtol=1e-12)
         vertices = np.concatenate([p.vertices for p in band.get_paths()])
         for k in range(N_EXP):
             ys = vertices[vertices[:, 0] == k, 1]
-            assert ys.min() == pytest.approx(mean[k] - std[k], rel=1e-9)
-            assert ys.max() == pytest.approx(mean[k] + std[k], rel=1e-9)
+            assert ys.min() == pytest.approx(mean[k] - sem[k], rel=1e-9)
+            assert ys.max() == pytest.approx(mean[k] + sem[k], rel=1e-9)
         assert band.get_facecolor()[0][:3] == pytest.approx(to_rgba(line.get_color())[:3])
 
 
 def test_class_histogram_figure_bars_are_the_true_and_generated_fractions(tmp_path):
     """Two seeds after experience 1 of a fixed class order 9, 8, ..., 0 (2 classes per
     experience): true bars 1/4 on classes 6..9, generated bars the mean over seeds of the
-    logged fractions with their sample std as error bars."""
+    logged fractions with their standard error as error bars."""
     order = tuple(range(9, -1, -1))
     written = {}
     for seed in (42, 69):
@@ -216,23 +252,26 @@ def test_class_histogram_figure_bars_are_the_true_and_generated_fractions(tmp_pa
     groups = report.load_runs([str(tmp_path / "42"), str(tmp_path / "69")])
     fig = report.class_histogram_figure(groups, report.last_experiences(groups))
     ax, = fig.axes
+    assert ax.get_title() == "naive (fine-tuning): experience 1, n=2"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "true", "generated (mean ± standard error)"]
     true_bars, gen_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     np.testing.assert_allclose([b.get_height() for b in true_bars], [0] * 6 + [0.25] * 4,
                                rtol=0, atol=1e-15)
     gen_mean = [statistics.mean(v) for v in zip(*written.values())]
-    gen_std = [statistics.stdev(v) for v in zip(*written.values())]
+    gen_sem = [hand_sem(v) for v in zip(*written.values())]
     np.testing.assert_allclose([b.get_height() for b in gen_bars], gen_mean, rtol=1e-12)
     np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in gen_bars],
                                np.arange(10) + 0.2)
     caps = gen_bars.errorbar.lines[2][0].get_segments()  # one vertical segment per bar
     np.testing.assert_allclose([seg[:, 1] for seg in caps],
-                               np.stack([np.subtract(gen_mean, gen_std),
-                                         np.add(gen_mean, gen_std)], 1), rtol=1e-12)
+                               np.stack([np.subtract(gen_mean, gen_sem),
+                                         np.add(gen_mean, gen_sem)], 1), rtol=1e-12)
 
 
 def test_class_histogram_data(grid_runs):
     groups = report.load_runs(grid_runs[0])
-    gen, true = report._histogram_data(groups["naive"], N_EXP - 1)
+    gen, true = report._histogram_data(groups["naive (fine-tuning)"], N_EXP - 1)
     expected = [[grid_runs[1]["naive", seed][N_EXP - 1][f"gen_frac_class_{c}"] for c in range(10)]
                 for seed in SEEDS]
     np.testing.assert_allclose(gen, expected, rtol=0, atol=0)
@@ -251,6 +290,143 @@ def test_true_frequencies_follow_the_class_order(tmp_path):
     np.testing.assert_allclose(report.true_frequencies(run, 0, 10), np.arange(10) / 45)
 
 
+# ----------------------------------------------------------------------------- best entries
+
+# strategy -> (FID per seed, solver accuracy per seed), seeds 42 and 69 (42 only where one
+# value is given). With SE = |a - b| / 2 / sqrt(2) for two seeds the intervals mean ± SE are:
+# FID (lower is better): the best contender is generative distillation, 10 ± 0.707; of the
+#   four other two-seed contenders exactly two overlap it: experience replay (10.4 ± 0.14)
+#   and gaussian distillation (11.2 ± 0.85, its mean outside the best's interval), not
+#   generative replay (12 ± 0.71) or LwF (16 ± 1.4); the one-seed partial generation (10.5)
+#   lies inside, gaussian symmetry (12) does not; naive (11.5 ± 1.06) overlaps and is bold
+#   though it is no contender; cumulative (5 ± 0.71) has the lowest mean but is no contender.
+# Solver accuracy (higher is better): the best contender is generative replay (0.72 ± 0.014);
+#   gaussian distillation (0.70 ± 0.014) and the one-seed partial generation (0.715) overlap
+#   it, experience replay (0.68 ± 0.014) does not; cumulative (0.96) is highest, no contender.
+BOLD_RUNS = {
+    "naive": ((10.0, 13.0), (0.20, 0.24)),
+    "cumulative": ((4.0, 6.0), (0.95, 0.97)),
+    "er": ((10.2, 10.6), (0.66, 0.70)),
+    "no_distillation": ((11.0, 13.0), (0.70, 0.74)),
+    "full_generation_distillation": ((9.0, 11.0), (0.60, 0.64)),
+    "partial_generation_distillation": ((10.5,), (0.715,)),
+    "gaussian_distillation": ((10.0, 12.4), (0.68, 0.72)),
+    "gaussian_symmetry_distillation": ((12.0,), (0.60,)),
+    "lwf_distillation": ((14.0, 18.0), (0.50, 0.54)),
+}
+EXPECTED_BOLD = {
+    "fid": {"naive", "er", "full_generation_distillation", "partial_generation_distillation",
+            "gaussian_distillation"},
+    "classifier_accuracy": {"no_distillation", "partial_generation_distillation",
+                            "gaussian_distillation"},
+}
+
+
+@pytest.fixture(scope="module")
+def bold_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bold")
+    workdirs = []
+    for strategy, (fids, accuracies) in BOLD_RUNS.items():
+        for seed, fid, accuracy in zip(SEEDS, fids, accuracies):
+            # checksum: a metric of no known direction, equal everywhere
+            row = {"fid": fid, "classifier_accuracy": accuracy, "checksum": 1.0}
+            workdirs.append(write_run(root / f"{strategy}_{seed}", strategy, seed, [row],
+                                      grid=False))
+    out = str(tmp_path_factory.mktemp("bold_report"))
+    return workdirs, report.write_report(workdirs, out)
+
+
+def hand_interval(values):
+    mean = statistics.mean(values)
+    sem = hand_sem(values) if len(values) > 1 else 0.0  # one seed: the mean alone
+    return mean - sem, mean + sem
+
+
+def hand_bold(metric):
+    """The overlap set computed here: the best among strategies other than naive and
+    cumulative, then every strategy whose interval meets the best's."""
+    column = 0 if metric == "fid" else 1
+    values = {strategy: v[column] for strategy, v in BOLD_RUNS.items()}
+    contenders = [s for s in values if s not in ("naive", "cumulative")]
+    pick = min if metric == "fid" else max
+    low, high = hand_interval(values[pick(contenders, key=lambda s: statistics.mean(values[s]))])
+    return {s for s, v in values.items()
+            if hand_interval(v)[0] <= high and hand_interval(v)[1] >= low}
+
+
+def latex_rows(tex):
+    """(header cells, {first cell: cells}) of the tabular in `tex`."""
+    lines = [line.strip() for line in tex.splitlines()]
+
+    def cells(line):
+        assert line.endswith(r" \\"), line
+        return line[:-3].split(" & ")
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    return cells(lines[lines.index(r"\toprule") + 1]), {c[0]: c for c in map(cells, body)}
+
+
+def test_hand_computed_overlap_sets_are_the_designed_ones():
+    assert hand_bold("fid") == EXPECTED_BOLD["fid"]
+    assert hand_bold("classifier_accuracy") == EXPECTED_BOLD["classifier_accuracy"]
+
+
+def test_latex_bolds_the_entries_overlapping_the_best(bold_report):
+    tex = open(bold_report[1]["last_experience.tex"]).read()
+    header, rows = latex_rows(tex)
+    assert header == ["strategy", r"FID $\downarrow$", r"solver accuracy $\uparrow$"]
+    assert list(rows) == [LABELS[s] for s in BOLD_RUNS]  # canonical order, paper's words
+    for column, metric in ((1, "fid"), (2, "classifier_accuracy")):
+        bold = {s for s in BOLD_RUNS if rows[LABELS[s]][column].startswith(r"\textbf{")}
+        assert bold == hand_bold(metric)
+        for strategy, per_metric in BOLD_RUNS.items():
+            values = per_metric[column - 1]
+            text = f"{statistics.mean(values):.3f}"
+            if len(values) > 1:
+                text += rf" $\pm$ {hand_sem(values):.3f}"
+            if strategy in bold:
+                text = rf"\textbf{{{text}}}"
+            assert rows[LABELS[strategy]][column] == text
+    assert r"\begin{tabular}{lcc}" in tex and r"\caption{digits, last experience" in tex
+
+
+def test_markdown_bolds_the_same_entries(bold_report):
+    header, table = markdown_rows(open(bold_report[1]["report.md"]).read(), "## At the last")
+    assert header[4:] == ["FID ↓ (mean ± SE)", "solver accuracy ↑ (mean ± SE)",
+                          "checksum (mean ± SE)"]
+    assert list(table) == [LABELS[s] for s in BOLD_RUNS]
+    for column, metric in ((4, "fid"), (5, "classifier_accuracy")):
+        bold = {s for s in BOLD_RUNS if table[LABELS[s]][column].startswith("**")}
+        assert bold == hand_bold(metric)
+    assert not [row for row in table.values() if row[6].startswith("**")]  # no direction
+    assert table["partial generation distillation"][1] == "1"
+    assert table["partial generation distillation"][4] == "**10.5**"  # one seed: no ± or std
+    naive = BOLD_RUNS["naive"][0]
+    assert table["naive (fine-tuning)"][4] == hand_cell(
+        statistics.mean(naive), hand_sem(naive), statistics.stdev(naive), bold=True)
+
+
+def test_plot_legends_in_the_paper_words(bold_report):
+    groups = report.load_runs(bold_report[0])
+    fig = report.metric_figure(report.per_experience(groups), "fid")
+    ax, = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [LABELS[s] for s in BOLD_RUNS]
+    assert ax.get_ylabel() == "FID ↓"
+
+
+def test_latex_escapes_special_characters(tmp_path):
+    runs = [write_run(tmp_path / f"gd{steps}", "full_generation_distillation", 42,
+                      [{"fid": float(steps)}], grid=False, strategy__teacher_steps=steps)
+            for steps in (2, 10)]
+    tex = open(report.write_report(runs, str(tmp_path / "out"))["last_experience.tex"]).read()
+    _, rows = latex_rows(tex)
+    assert sorted(rows) == [r"generative distillation (strategy.teacher\_steps=10)",
+                            r"generative distillation (strategy.teacher\_steps=2)"]
+    assert "teacher_steps" not in tex
+    assert report.latex_escape(r"a_b & 50% $x$ #1 {y} ~^ \ <|>") == (
+        r"a\_b \& 50\% \$x\$ \#1 \{y\} \textasciitilde{}\textasciicircum{} \textbackslash{} "
+        r"\textless{}\textbar{}\textgreater{}")
+
+
 # ----------------------------------------------------------------------------- grouping
 
 def test_labels_name_the_config_keys_that_differ(tmp_path):
@@ -264,9 +440,9 @@ def test_labels_name_the_config_keys_that_differ(tmp_path):
             write_run(tmp_path / "n2", "naive", 69, rows, strategy__lambd=1.0,
                       log__tensorboard=False, data__data_dir="/elsewhere")]
     groups = report.load_runs(runs)
-    assert list(groups) == ["naive", "full_generation_distillation (strategy.lambd=1.0)",
-                            "full_generation_distillation (strategy.lambd=3.0)"]
-    assert [r.seed for r in groups["naive"]] == [42, 69]
+    assert list(groups) == ["naive (fine-tuning)", "generative distillation (strategy.lambd=1.0)",
+                            "generative distillation (strategy.lambd=3.0)"]
+    assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
 
 
 def test_missing_values_lower_n_and_are_marked(tmp_path):
@@ -278,9 +454,11 @@ def test_missing_values_lower_n_and_are_marked(tmp_path):
     fid = [r for r in read_csv(written["last_experience.csv"]) if r["metric"] == "fid"]
     assert fid[0]["n"] == "2" and float(fid[0]["mean"]) == (69 + 1714) / 2
     header, table = markdown_rows(open(written["report.md"]).read(), "## At the last")
-    assert header[4] == "fid ↓"  # the paper's metrics first
-    assert table["naive"][4] == f"{891.5:.4g} ± {statistics.stdev([69, 1714]):.2g} (n=2)"
-    assert table["naive"][5] == "0.5 ± 0"
+    assert header[4] == "FID ↓ (mean ± SE)"  # the paper's metrics first
+    sem, std = hand_sem([69, 1714]), statistics.stdev([69, 1714])
+    # naive alone: no contender for the best, so nothing is bold.
+    assert table["naive (fine-tuning)"][4] == f"{891.5:.4g} ± {sem:.2g} (std {std:.2g}, n=2)"
+    assert table["naive (fine-tuning)"][5] == "0.5 ± 0 (std 0)"
     assert "samples.png" not in written and "class_histogram.png" not in written
 
 
@@ -288,9 +466,11 @@ def test_one_seed_has_no_std(tmp_path):
     written = report.write_report([write_run(tmp_path / "r", rows=[{"kld": 0.25}])],
                                   str(tmp_path / "out"))
     row, = [r for r in read_csv(written["last_experience.csv"]) if r["metric"] == "kld"]
-    assert row["mean"] == "0.25" and math.isnan(float(row["std"])) and row["n"] == "1"
+    assert row["mean"] == "0.25" and row["n"] == "1"
+    assert math.isnan(float(row["sem"])) and math.isnan(float(row["std"]))
     _, table = markdown_rows(open(written["report.md"]).read(), "## At the last")
-    assert table["naive"][4] == "0.25"
+    assert table["naive (fine-tuning)"][4] == "0.25"
+    assert "naive (fine-tuning) & 0.250 \\\\" in open(written["last_experience.tex"]).read()
 
 
 def test_find_runs_expands_globs_in_order_without_repeats(tmp_path):
@@ -365,15 +545,15 @@ def test_tiny_digits_run_then_report_from_the_command_line(tmp_path):
                              f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "1 runs -> 7 files" in result.stdout
+    assert "1 runs -> 8 files" in result.stdout
     rows = {(r["metric"], r["experience"]): r for r in read_csv(out / "per_experience.csv")}
     assert float(rows["kld", "1"]["mean"]) == 1.5
     assert float(rows["fd_classifier", "0"]["mean"]) == 10.0
     _, table = markdown_rows((out / "report.md").read_text(), "## At the last")
-    assert table["naive"][1:] == ["1", "1", "10", "1.5", "20"]
+    assert table["naive (fine-tuning)"][1:] == ["1", "1", "10", "1.5", "20"]
     with Image.open(out / "samples.png") as image:
         assert 250 <= image.size[0] <= 350 and 250 <= image.size[1] <= 420
     groups = report.load_runs([workdir])
-    gen, true = report._histogram_data(groups["naive"], 1)
+    gen, true = report._histogram_data(groups["naive (fine-tuning)"], 1)
     first = continual.build(config, workdir).experiences[1][0]
     assert gen[0, first] == 1.0 and true[0].sum() == pytest.approx(1.0)
