@@ -6,9 +6,32 @@ on XLA:CPU), so the tests ask for the unoptimised backend. Numerics are unchange
 Must run before jax is imported, hence here.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
+
+import pytest
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Hermetic caches: trained classifiers, Inception weights and features go to a fresh
+# directory per test session (gdjax/cache.py), never into the user's ~/.cache/gdjax.
+_CACHE = tempfile.mkdtemp(prefix="gdjax-test-cache-")
+os.environ["GDJAX_CACHE_DIR"] = _CACHE
+os.environ.pop("GDJAX_INCEPTION_DIR", None)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_system_data(monkeypatch, tmp_path_factory):
+    """No system copy of any data set (Debian's /usr/share/datasets): a test sees only the
+    files it writes."""
+    from gdjax.data import sources
+
+    empty = str(tmp_path_factory.mktemp("no_system_datasets"))
+    monkeypatch.setattr(sources, "SYSTEM_DIRS",
+                        {name: os.path.join(empty, name) for name in sources.SYSTEM_DIRS})
