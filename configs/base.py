@@ -34,7 +34,8 @@ def get_config() -> ConfigDict:
         channels=1,
         n_experiences=5,
         class_order=(),         # (): drawn from the seed as avalanche's nc_benchmark does
-        flip=False,             # random horizontal flips (CIFAR-10)
+        flip=False,             # random horizontal flips (CIFAR-10): generator, solver, ER
+        drop_last=False,        # False: keep each epoch's last, partial batch (the reference)
         prefetch=2,
     ))
     c.model = ConfigDict(dict(
@@ -71,6 +72,7 @@ def get_config() -> ConfigDict:
         max_to_keep=2,
         teacher_dir="",         # iid_distill: an Orbax params directory (launch/convert.py)
         on_nan="stop",          # stop: raise at the bad step | skip: drop non-finite updates
+        reset_optimizer=True,   # Adam afresh each experience (the reference); False: carry it
     ))
     c.eval = ConfigDict(dict(
         steps=10,
@@ -80,8 +82,10 @@ def get_config() -> ConfigDict:
         grid_samples=100,
         save_experience_params=True,  # experience_params/experience_<k>, for launch/evaluate
         fid=True,               # Inception FID/KID when the converted weights are present
+        fid_at="all",           # all: after every experience | last: after the last only
         inception_dir="",       # "": $GDJAX_INCEPTION_DIR or ~/.cache/gdjax/inception
         classifier="resnet18",  # resnet18 (REFERENCE §7) | simple_cnn: labels the samples
+        train_classifier=False,  # train a missing evaluation classifier at first use
     ))
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.
     c.solver = ConfigDict(dict(
@@ -103,10 +107,35 @@ def get_config() -> ConfigDict:
     return c
 
 
-def with_variant(config: ConfigDict, variant: str | None) -> ConfigDict:
-    """Selects the strategy named by `variant` (None or "": keep the config's own)."""
+# The lambda each strategy ran with in the authors' experiments (their launch scripts and
+# report filters; REFERENCE §4): Split Fashion-MNIST (also used for Split MNIST), and Split
+# CIFAR-10, where the strategies without a value of their own take full generation's.
+FMNIST_LAMBDAS = {
+    "no_distillation": 1.0,
+    "full_generation_distillation": 3.0,
+    "partial_generation_distillation": 5.0,
+    "gaussian_distillation": 24.0,
+    "gaussian_symmetry_distillation": 12.0,
+    "lwf_distillation": 0.25,
+}
+CIFAR10_LAMBDAS = {
+    "no_distillation": 1.0,
+    "full_generation_distillation": 0.75,
+    "partial_generation_distillation": 0.75,
+    "gaussian_distillation": 8.0,
+    "gaussian_symmetry_distillation": 0.75,
+    "lwf_distillation": 1.25,
+}
+
+
+def with_variant(config: ConfigDict, variant: str | None,
+                 lambdas: dict[str, float] | None = None) -> ConfigDict:
+    """Selects the strategy named by `variant` (None or "": keep the config's own) and, when
+    `lambdas` (strategy name -> lambda) has one for it, that strategy's lambda."""
     if variant:
         if variant not in VARIANTS:
             raise ValueError(f"unknown config variant {variant!r}; use one of: {', '.join(VARIANTS)}")
         config.strategy.name = VARIANTS[variant]
+    if lambdas and config.strategy.name in lambdas:
+        config.strategy.lambd = lambdas[config.strategy.name]
     return config

@@ -14,6 +14,5 @@ def get_config(variant: str = "generative_distillation"):
     c.model.name = "ddim_medium_3ch"
     c.train.batch_size = 64
     c.train.epochs_per_experience = 200
-    c.strategy.lambd = 0.75
     c.eval.steps = 20
-    return base.with_variant(c, variant)
+    return base.with_variant(c, variant, base.CIFAR10_LAMBDAS)

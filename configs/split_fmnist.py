@@ -10,4 +10,4 @@ from configs import base
 def get_config(variant: str = "generative_distillation"):
     c = base.get_config()
     c.data.name = "fashion_mnist"
-    return base.with_variant(c, variant)
+    return base.with_variant(c, variant, base.FMNIST_LAMBDAS)

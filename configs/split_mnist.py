@@ -9,4 +9,4 @@ from configs import base
 def get_config(variant: str = "generative_distillation"):
     c = base.get_config()
     c.data.name = "mnist"
-    return base.with_variant(c, variant)
+    return base.with_variant(c, variant, base.FMNIST_LAMBDAS)

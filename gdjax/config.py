@@ -16,6 +16,7 @@ IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
                           strategies.PARTIAL_GENERATION)
 DTYPES = ("float32", "bfloat16")
 ON_NAN = ("stop", "skip")
+FID_AT = ("all", "last")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -62,8 +63,16 @@ def validate_config(config) -> None:
     _require(config.model.dtype in DTYPES,
              f"model.dtype={config.model.dtype!r} is unknown; use one of {DTYPES}.")
     _positive(d, ("image_size", "channels", "n_experiences", "prefetch"), "data")
+    for section, name in (("data", "flip"), ("data", "drop_last"), ("train", "reset_optimizer"),
+                          ("strategy", "weight_replay_loss")):
+        value = config[section][name]
+        _require(isinstance(value, bool), f"{section}.{name}={value!r} must be True or False.")
     _positive(t, ("batch_size", "log_every", "checkpoint_every", "max_to_keep"), "train")
     _positive(e, ("steps", "num_samples", "batch_size", "grid_samples"), "eval")
+    _require(e.fid_at in FID_AT, f"eval.fid_at={e.fid_at!r} is unknown; use one of {FID_AT}.")
+    _require(isinstance(e.train_classifier, bool) and isinstance(e.fid, bool),
+             f"eval.fid={e.fid!r} and eval.train_classifier={e.train_classifier!r} must be "
+             f"True or False.")
     _require(e.classifier in ARCHITECTURES,
              f"eval.classifier={e.classifier!r} is unknown; use one of {ARCHITECTURES} "
              f"(the network that labels samples and gives fd_classifier's features).")

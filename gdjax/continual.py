@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
-from gdjax import generate, hosts, strategies, unet
+from gdjax.data import memory
+from gdjax import generate, hosts, rng, strategies, unet
 from gdjax.checkpoint import Checkpointer, CheckpointWriteError, config_fingerprint, pause_point
 from gdjax.config import validate_config
 from gdjax.convert import restore_params, save_params
@@ -87,6 +88,14 @@ class Run:
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.sharding.mesh, P())
+
+    @functools.cached_property
+    def test_uint8(self) -> gdata.ImageSplit:
+        """The test split as the reference's FID sees its real images: uint8, resized by
+        PIL (`gdata.load_uint8_split`); read on first use."""
+        d = self.config.data
+        return gdata.load_uint8_split(d.name, source=d.source, data_dir=d.data_dir or None,
+                                      image_size=d.image_size, channels=d.channels)
 
     @property
     def image_shape(self) -> tuple:
@@ -166,40 +175,27 @@ def num_steps(run: Run, k: int) -> int:
     t = run.config.train
     if t.steps_per_experience > 0:
         return t.steps_per_experience
-    return t.epochs_per_experience * gdata.steps_per_epoch(len(experience_data(run, k)),
-                                                           t.batch_size)
+    return t.epochs_per_experience * gdata.steps_per_epoch(
+        len(experience_data(run, k)), t.batch_size, drop_last=run.config.data.drop_last)
 
 
 def er_buffer(run: Run, k: int) -> np.ndarray:
-    """Train-set indices in the ER buffer while learning experience k (0-based).
-
-    Like avalanche's experience-balanced buffer: after j+1 experiences each keeps
-    buffer_size // (j+1) of its images (the first groups take the remainder), a fixed
-    random subset per experience drawn from the seed.
-    """
-    size, seen = run.config.strategy.er_buffer_size, k
-    if seen == 0:
-        return np.zeros((0,), np.int64)
-    quotas = [size // seen + (1 if j < size % seen else 0) for j in range(seen)]
-    parts = []
-    for j, quota in enumerate(quotas):
-        index = gdata.experience_indices(run.train.labels, run.experiences[j])
-        order = np.random.default_rng([run.config.seed, j, 7]).permutation(len(index))
-        parts.append(index[order[:quota]])
-    return np.concatenate(parts)
+    """Train-set indices in the ER buffer while learning experience k (gdjax/data/memory.py)."""
+    return memory.buffer_indices(run.train.labels, run.experiences, k,
+                                 size=run.config.strategy.er_buffer_size, seed=run.config.seed)
 
 
 def memory_batch(run: Run, buffer: np.ndarray, k: int, step: int, rows: int) -> np.ndarray:
-    rng = np.random.default_rng([run.config.seed, k, step, 3])
-    pick = rng.choice(len(buffer), rows, replace=len(buffer) < rows)
-    return run.train.images[buffer[pick]]
+    """ER's memory rows of `step` of experience k, flipped like the real rows."""
+    return memory.memory_rows(run.train.images, buffer, rows=rows, seed=run.config.seed,
+                              experience=k, step=step, flip=run.config.data.flip)
 
 
 # ----------------------------------------------------------------------------- state and checkpoints
 
 def initial_state(run: Run) -> tuple[TrainState, Any]:
     """Fresh student state and a teacher slot (a copy of the params until one is frozen)."""
-    params = unet.init_params(run.unet_config, jax.random.key(run.config.seed))
+    params = unet.init_params(run.unet_config, rng.key(run.config.seed, "unet_init"))
     teacher = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated
     if run.config.train.mode == "iid_distill":
         teacher = load_teacher(run)
@@ -211,8 +207,8 @@ def initial_solver(run: Run) -> solver_lib.SolverState | None:
     """A fresh solver state (None when the run has no solver)."""
     if run.solver is None:
         return None
-    key = jax.random.fold_in(jax.random.key(run.config.seed), 40_000)
-    return solver_lib.init_state(run.solver, key, run.image_shape)
+    return solver_lib.init_state(run.solver, rng.key(run.config.seed, "solver_init"),
+                                 run.image_shape)
 
 
 def load_teacher(run: Run):
@@ -228,8 +224,8 @@ def load_teacher(run: Run):
     return params
 
 
-def _checkpoint_tree(state, teacher, rng, solver) -> dict:
-    tree = {"state": state, "teacher": teacher, "rng": jax.random.key_data(rng)}
+def _checkpoint_tree(state, teacher, key, solver) -> dict:
+    tree = {"state": state, "teacher": teacher, "rng": jax.random.key_data(key)}
     if solver is not None:
         tree["solver"] = solver
     return tree
@@ -340,19 +336,21 @@ def train_experience(tr: Trainer, k: int, start: int, skipped: int = 0) -> None:
     data, total = experience_data(run, k), num_steps(run, k)
     with_replay = _uses_replay(run, k)
     step_fn = tr.step_fn(with_replay)
-    buffer = er_buffer(run, k) if run.strategy.name == strategies.ER and with_replay else None
-    rows = run.strategy.replay_size or t.batch_size
+    extra = None
+    if run.strategy.name == strategies.ER and with_replay:
+        buffer, rows = er_buffer(run, k), run.strategy.replay_size or t.batch_size
+        extra = lambda s: {"memory": memory_batch(run, buffer, k, s, rows)}  # noqa: E731
     batches = gdata.batch_iterator(data.images, data.labels, batch_size=t.batch_size,
                                    seed=run.config.seed, experience=k, start_step=start,
                                    num_steps=total, flip=run.config.data.flip,
-                                   sharding=run.sharding, prefetch=run.config.data.prefetch)
+                                   drop_last=run.config.data.drop_last, sharding=run.sharding,
+                                   prefetch=run.config.data.prefetch, extra=extra)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
     reported, checked, skipped = start, start - 1, jnp.int32(skipped)
     with batches:
         for s in range(start, total):
-            batch = {"image": next(batches)["image"]}
-            if buffer is not None:
-                batch["memory"] = jax.device_put(memory_batch(run, buffer, k, s, rows), run.sharding)
+            batch = next(batches)
+            batch.pop("label")  # the generator is unconditional
             tr.state, metrics = step_fn(tr.state, tr.teacher, batch, tr.rng)
             pause_point("train_step", k, s)  # test-only; the update exists only in memory
             if t.on_nan == "skip":
@@ -388,7 +386,7 @@ def end_experience(tr: Trainer, k: int, eval_hook: EvalHook | None) -> None:
     params = tr.state.params
     e = run.config.eval
     images = generate.generate(run.apply_fn, params, run.schedule,
-                               jax.random.fold_in(jax.random.key(run.config.seed), 10_000 + k),
+                               rng.key(run.config.seed, "sample_grid", k),
                                num=e.grid_samples, image_shape=run.image_shape,
                                num_steps=e.steps, eta=e.eta, batch_size=e.grid_samples)
     if hosts.is_writer():
@@ -488,7 +486,8 @@ def train_solver(tr: Trainer, k: int) -> solver_lib.SolverState:
     state = solver_lib.train_experience(
         cfg, state, images=data.images, labels=data.labels, experience=k,
         seed=run.config.seed, with_replay=with_replay, gen_apply=run.apply_fn,
-        gen_params=tr.teacher, schedule=run.schedule, progress=progress)
+        gen_params=tr.teacher, schedule=run.schedule, flip=run.config.data.flip,
+        drop_last=run.config.data.drop_last, progress=progress)
     progress.close()
     return state
 
@@ -532,11 +531,11 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
     state, teacher = initial_state(run)
     solver = initial_solver(run)
-    rng = jax.random.key(config.seed)
+    key = rng.key(config.seed, "train_step")
     restored = restore(ckpt, run, state, teacher, solver)
     k, start, skipped = 0, 0, 0
     if restored is not None:
-        state, teacher, rng, solver, meta = restored
+        state, teacher, key, solver, meta = restored
         k, start = meta["experience"], meta["step_in_experience"]
         skipped = meta.get("skipped", 0)
         log.info("resuming %s at experience %d, step %d", workdir, k, start)
@@ -548,7 +547,7 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
             logger = MetricLogger(workdir, resume_step=_resume_step(run, restored, state),
                                   tensorboard=config.log.tensorboard, wandb=config.log.wandb,
                                   config=config.to_dict())
-    tr = Trainer(run, ckpt, logger, state, teacher, rng, solver)
+    tr = Trainer(run, ckpt, logger, state, teacher, key, solver)
     try:
         for k in range(k, len(run.experiences)):
             if start == 0 and k > 0 and config.train.mode == "continual":
@@ -559,6 +558,11 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
                 # The classifier learns experience k first (REFERENCE §6). A run killed
                 # before the next checkpoint redoes this deterministically.
                 tr.solver = train_solver(tr, k)
+            if start == 0 and k > 0 and config.train.reset_optimizer:
+                # Adam starts afresh each experience, as avalanche resets the reference's
+                # optimizer; inside an experience the checkpoint carries its state.
+                tr.state = tr.state._replace(opt_state=jax.device_put(
+                    run.optimizer.init(tr.state.params), run.replicated))
             # Placed like the step's output: an uncommitted scalar here made the second
             # step of every experience compile the step again.
             tr.state = tr.state._replace(

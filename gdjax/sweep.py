@@ -18,14 +18,15 @@ from typing import Callable, Sequence
 log = logging.getLogger(__name__)
 
 
-def make_runs(config, variants: Sequence[str], seeds: Sequence, *,
-              with_variant: Callable) -> list[tuple[str, object]]:
-    """[("<variant>_seed<seed>", config)]: copies of `config` with each variant's strategy
-    (`with_variant(config, variant)`, e.g. configs/base.py's) and each seed."""
+def make_runs(config_for: Callable, variants: Sequence[str],
+              seeds: Sequence) -> list[tuple[str, object]]:
+    """[("<variant>_seed<seed>", config)]: `config_for(variant)` (a fresh config with that
+    variant's strategy and its lambda, e.g. a config file's `get_config(variant)` plus the
+    command line's overrides) for each variant, with each seed."""
     runs = []
     for variant in variants:
         for seed in seeds:
-            c = with_variant(copy.deepcopy(config), variant)
+            c = copy.deepcopy(config_for(variant))
             c.seed = int(seed)
             runs.append((f"{variant}_seed{seed}", c))
     return runs

@@ -52,29 +52,39 @@ def init_state(params, optimizer: optax.GradientTransformation, experience: int 
     return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params))
 
 
-def _distill_loss(params, apply_fn, schedule, criterion, replay):
+def _distill_loss(params, apply_fn, schedule, criterion, replay, replay_rows_mask):
     """IID distillation: the student regresses onto the teacher on replay rows alone."""
     pred = apply_fn(params, replay.x, replay.t)
-    loss = losses.criterion(criterion, pred, replay.target, replay.t, schedule)
+    loss = losses.criterion(criterion, pred, replay.target, replay.t, schedule,
+                            replay_rows_mask)
     return loss, (jnp.float32(0.0), loss)
 
 
-def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t, eps, replay):
-    """Loss over the real rows and the replay rows in one forward pass, plus its parts."""
+def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t, eps, replay,
+                  mask, replay_rows_mask):
+    """Loss over the real rows and the replay rows in one forward pass, plus its parts.
+
+    `mask` / `replay_rows_mask`: which real and replay rows count (None: all)."""
     batch = x_t.shape[0]
     if replay is None or replay.x is None:
         pred = apply_fn(params, x_t, t)
     else:
         pred = apply_fn(params, jnp.concatenate([x_t, replay.x]), jnp.concatenate([t, replay.t]))
-    data_loss = losses.criterion(criterion, pred[:batch], eps, t, schedule)
+    data_loss = losses.criterion(criterion, pred[:batch], eps, t, schedule, mask)
     if replay is None:
         return data_loss, (data_loss, jnp.float32(0.0))
-    replay_pred = pred[:batch] if replay.x is None else pred[batch:]
-    replay_loss = losses.criterion(criterion, replay_pred, replay.target, replay.t, schedule)
+    if replay.x is None:  # LwF: a second target for the real rows themselves
+        replay_pred, replay_rows_mask = pred[:batch], mask
+    else:
+        replay_pred = pred[batch:]
+    replay_loss = losses.criterion(criterion, replay_pred, replay.target, replay.t, schedule,
+                                   replay_rows_mask)
     if cfg.name == strategies.ER:
         # The baseline's ER (avalanche ReplayPlugin) takes one criterion over all rows.
         targets = jnp.concatenate([eps, replay.target])
-        loss = losses.criterion(criterion, pred, targets, jnp.concatenate([t, replay.t]), schedule)
+        both = None if mask is None else jnp.concatenate([mask, replay_rows_mask])
+        loss = losses.criterion(criterion, pred, targets, jnp.concatenate([t, replay.t]),
+                                schedule, both)
     else:
         loss = losses.combine(data_loss, replay_loss, experience=experience, lambd=cfg.lambd,
                               weight_replay_loss=cfg.weight_replay_loss)
@@ -99,7 +109,10 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
 
-    The step's batch is {"image": [B, H, W, C]} plus {"memory": [R, H, W, C]} for ER.
+    The step's batch is {"image": [B, H, W, C]} plus {"memory": [R, H, W, C]} for ER and
+    optionally {"mask": [B]}: 1 for a real row, 0 for the padding of an epoch's short last
+    batch; the means are taken over the real rows, and over the first
+    ceil(R * real / B) replay rows (`losses.replay_mask`).
     `rng` is one fixed key per run; the step folds in `state.step`, so a resumed run draws
     the same numbers. The train state is donated.
     """
@@ -120,19 +133,22 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
         eps = constrain(jax.random.normal(k_eps, x0.shape, x0.dtype))
         t = constrain(jax.random.randint(k_t, x0.shape[:1], 0, schedule.num_train_timesteps))
         x_t = add_noise(schedule, x0, noise=eps, t=t)
-        replay = None
+        mask = batch.get("mask")  # None: every row is real
+        replay, rows_mask = None, None
         if use_replay:
             rows = strategy.replay_size or x0.shape[0]
+            rows_mask = None if mask is None else constrain(losses.replay_mask(mask, rows))
             replay = strategies.replay_rows(
                 strategy, apply_fn=apply_fn, teacher_params=teacher_params, schedule=schedule,
                 rng=k_replay, image_shape=(rows,) + x0.shape[1:], data_x_t=x_t, data_t=t,
                 memory_x0=batch.get("memory"), constrain=constrain)
         if distill_only:
             grad_fn = jax.value_and_grad(_distill_loss, has_aux=True)
-            args = (apply_fn, schedule, criterion, replay)
+            args = (apply_fn, schedule, criterion, replay, rows_mask)
         else:
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
-            args = (apply_fn, schedule, criterion, strategy, state.experience, x_t, t, eps, replay)
+            args = (apply_fn, schedule, criterion, strategy, state.experience, x_t, t, eps, replay,
+                    mask, rows_mask)
         (loss, (data_loss, replay_loss)), grads = grad_fn(state.params, *args)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

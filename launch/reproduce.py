@@ -1,19 +1,24 @@
-"""The paper's comparison on the embedded digits: strategies x seeds, then the report.
+"""The paper's comparison: strategies x seeds on one benchmark config, then the report.
 
-    python -m launch.reproduce                        # naive, cumulative, generative replay,
-                                                      # generative distillation; seeds 42 69 1714
-    python -m launch.reproduce --variants=naive,generative_distillation --seeds=42 \
+    python -m launch.reproduce                        # Split Digits: naive, cumulative,
+                                                      # generative replay, generative
+                                                      # distillation; seeds 42 69 1714
+    python -m launch.reproduce --config=configs/split_fmnist_small.py   # real Fashion-MNIST
+    python -m launch.reproduce --variants=naive,generative_distillation --seeds=42 \\
         --root=runs/quick --steps_per_experience=100
 
-To fit 12 runs in about 40 minutes on 2 CPU cores, the sweep halves the digits schedule by
-default: 200 generator steps per experience (the default run takes 300) and 5 solver epochs
-(10); --steps_per_experience=0 --solver_epochs=0 keep the config's own values.
+Each variant's config is the config file's `get_config(variant)` (so each strategy gets its
+own lambda, configs/base.py) with the command line's `--config.x.y` overrides on top. A
+config file may declare a schedule for sweeps (`SWEEP = {"steps_per_experience": ...,
+"solver_epochs": ...}`): the digits halve theirs to fit 12 runs in about 40 minutes on 2 CPU
+cores. --steps_per_experience / --solver_epochs override it; 0 keeps the config's own.
 
-Every run goes to <root>/<variant>_seed<seed> and the report (report.md, CSVs, PNGs) to
-<root>/report. Started again with the same arguments, it skips finished runs and resumes an
-interrupted one from its last checkpoint.
+Every run goes to <root>/<variant>_seed<seed> (default root: runs/reproduce_<config name>)
+and the report (report.md, CSVs, LaTeX, PNGs) to <root>/report. Started again with the same
+arguments, it skips finished runs and resumes an interrupted one from its last checkpoint.
 """
 
+import importlib.util
 import os
 
 from gdjax import xla_flags
@@ -21,8 +26,8 @@ from gdjax import xla_flags
 xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 
 from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from configs import base  # noqa: E402
 from gdjax import sweep  # noqa: E402
 from gdjax.config import define_config_flag  # noqa: E402
 
@@ -32,10 +37,19 @@ define_config_flag(_DEFAULT_CONFIG, "Base run config (its strategy is replaced b
 flags.DEFINE_list("variants", ["naive", "cumulative", "generative_replay",
                                "generative_distillation"], "Strategy variants (configs/base.py).")
 flags.DEFINE_list("seeds", ["42", "69", "1714"], "Seeds.")
-flags.DEFINE_string("root", "runs/reproduce_digits", "Where the runs and the report go.")
-flags.DEFINE_integer("steps_per_experience", 200, "Generator steps per experience (0: the "
-                     "config's).")
-flags.DEFINE_integer("solver_epochs", 5, "Solver epochs per experience (0: the config's).")
+flags.DEFINE_string("root", None, "Where the runs and the report go (default: "
+                    "runs/reproduce_<config file name without split_>).")
+flags.DEFINE_integer("steps_per_experience", None, "Generator steps per experience (default: "
+                     "the config file's SWEEP, else the config's; 0: the config's).")
+flags.DEFINE_integer("solver_epochs", None, "Solver epochs per experience (default: the "
+                     "config file's SWEEP, else the config's; 0: the config's).")
+
+
+def _config_module(path: str):
+    spec = importlib.util.spec_from_file_location("gdjax_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv):
@@ -43,14 +57,27 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    config = f.config
-    if f.steps_per_experience:
-        config.train.steps_per_experience = f.steps_per_experience
-    if f.solver_epochs:
-        config.solver.epochs = f.solver_epochs
-    runs = sweep.make_runs(config, f.variants, f.seeds, with_variant=base.with_variant)
-    paths = sweep.run_sweep(runs, f.root)
-    print(f"report: {paths.get('report.md', os.path.join(f.root, 'report'))}")
+    path = config_flags.get_config_filename(f["config"]).split(":")[0]
+    module = _config_module(path)
+    overrides = config_flags.get_override_values(f["config"])
+    schedule = dict(getattr(module, "SWEEP", {}))
+    for name in ("steps_per_experience", "solver_epochs"):
+        if f[name].value is not None:
+            schedule[name] = f[name].value
+
+    def config_for(variant):
+        config = module.get_config(variant)
+        if schedule.get("steps_per_experience"):
+            config.train.steps_per_experience = schedule["steps_per_experience"]
+        if schedule.get("solver_epochs"):
+            config.solver.epochs = schedule["solver_epochs"]
+        config.update_from_flattened_dict(overrides)
+        return config
+
+    name = os.path.splitext(os.path.basename(path))[0].removeprefix("split_")
+    root = f.root or os.path.join("runs", f"reproduce_{name}")
+    paths = sweep.run_sweep(sweep.make_runs(config_for, f.variants, f.seeds), root)
+    print(f"report: {paths.get('report.md', os.path.join(root, 'report'))}")
 
 
 if __name__ == "__main__":

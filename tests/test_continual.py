@@ -9,6 +9,7 @@ import pytest
 
 from configs import split_digits
 from gdjax import continual, strategies
+from gdjax.convert import restore_params
 from gdjax.logs import read_metrics
 
 
@@ -102,6 +103,29 @@ def test_every_strategy_runs_end_to_end(name, tmp_path, monkeypatch):
                                                              leaves(ended_0)))
 
 
+def _adam_count(state) -> int:
+    [count] = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if getattr(path[-1], "name", None) == "count"]
+    return int(count)
+
+
+def test_adam_starts_afresh_each_experience_unless_told_to_carry_it(tmp_path):
+    """REFERENCE §4: avalanche resets the optimizer at every experience, so Adam's step
+    count (its bias correction) and moments restart; train.reset_optimizer=False carries
+    them across experiences. A resume inside an experience keeps its optimizer state (the
+    bitwise resume test below kills and resumes both at a boundary and inside one)."""
+    fresh = continual.train(tiny_config("naive"), str(tmp_path / "reset"))
+    carried = continual.train(tiny_config("naive", reset_optimizer=False), str(tmp_path / "keep"))
+    assert (_adam_count(fresh), _adam_count(carried)) == (4, 8)
+    # Experience 0 is the same for both; experience 1 differs only through the reset.
+    a, b = (restore_params(continual.experience_params_dir(str(tmp_path / d), 0))[1]
+            for d in ("reset", "keep"))
+    for x, y in zip(leaves(a), leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(leaves(fresh.params),
+                                                         leaves(carried.params)))
+
+
 def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
     """Killed twice, then resumed: at step 6 the newest checkpoint is experience 0's end
     (step 4), so the resume freezes the teacher and trains the solver on experience 1 again;
@@ -144,10 +168,13 @@ def test_resumed_run_ends_bitwise_equal(tmp_path, monkeypatch):
     assert "classifier_accuracy" in read_metrics(workdir, "experience")[1]
 
 
-def test_epoch_budget_trains_whole_batches_of_each_experience(tmp_path, monkeypatch):
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_epoch_budget_trains_every_batch_of_each_experience(tmp_path, monkeypatch, drop_last):
     """train.epochs_per_experience=2 and no step budget, on the digits cut to 5 training
     images per class: cumulative's experiences (5 classes, then 10) hold 25 and 50 rows, so
-    25 // 8 = 3 and 50 // 8 = 6 full batches per epoch (the remainder is dropped): 6 + 12."""
+    ceil(25 / 8) = 4 and ceil(50 / 8) = 7 batches per epoch, the last one partial as in the
+    reference (8 + 14 steps); data.drop_last=True drops the remainder: 25 // 8 = 3 and
+    50 // 8 = 6 full batches (6 + 12)."""
     real_load = continual.gdata.load_dataset
 
     def five_per_class(*args, **kwargs):
@@ -158,12 +185,15 @@ def test_epoch_budget_trains_whole_batches_of_each_experience(tmp_path, monkeypa
     monkeypatch.setattr(continual.gdata, "load_dataset", five_per_class)
     config = tiny_config("cumulative", steps_per_experience=0, epochs_per_experience=2,
                          checkpoint_every=1000)
+    config.data.drop_last = drop_last
     state = continual.train(config, str(tmp_path))
-    assert int(state.step) == 2 * (25 // 8) + 2 * (50 // 8) == 18
+    first, second = (2 * 3, 2 * 6) if drop_last else (2 * 4, 2 * 7)
+    assert int(state.step) == first + second
     rows = read_metrics(str(tmp_path), "train")
-    assert [r["step"] for r in rows] == list(range(1, 19))
-    assert [r["experience"] for r in rows] == [0] * 6 + [1] * 12
-    assert [r["step"] for r in read_metrics(str(tmp_path), "experience")] == [6, 18]
+    assert [r["step"] for r in rows] == list(range(1, first + second + 1))
+    assert [r["experience"] for r in rows] == [0] * first + [1] * second
+    assert [r["step"] for r in read_metrics(str(tmp_path), "experience")] == [
+        first, first + second]
 
 
 def test_er_buffer_is_bounded_and_holds_only_past_classes(tmp_path):
@@ -320,9 +350,11 @@ def test_every_config_variant_is_valid(module):
         validate_config(c)
 
 
-def test_missing_data_directory_is_named(tmp_path):
+def test_missing_data_directory_is_named(tmp_path, no_system_data):
     from configs import split_fmnist
     c = split_fmnist.get_config("naive")
     c.data.data_dir = str(tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="absent"):
+    with pytest.raises(FileNotFoundError, match="absent") as e:
         continual.train(c, str(tmp_path / "run"))
+    assert "apt-get update && apt-get install dataset-fashion-mnist" in str(e.value)
+    assert not (tmp_path / "run").exists()

@@ -38,6 +38,13 @@ def _write_idx(folder, split, images, labels, *, compress=True):
             f.write(_idx_bytes(array))
 
 
+def _write_idx_set(folder, images, labels, *, compress=True, test=None):
+    """All four IDX files: `images`/`labels` as the train split, `test` (default: the same)
+    as the test split."""
+    _write_idx(folder, "train", images, labels, compress=compress)
+    _write_idx(folder, "test", *(test or (images, labels)), compress=compress)
+
+
 def _cifar_batch(images: np.ndarray, labels: np.ndarray) -> bytes:
     data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
     blob = pickle.dumps({b"batch_label": b"x", b"labels": [int(l) for l in labels],
@@ -67,8 +74,7 @@ def test_idx_gz_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     want = {s: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
                 rng.integers(0, 10, n, dtype=np.uint8)) for s, n in (("train", 5), ("test", 3))}
-    for split, (images, labels) in want.items():
-        _write_idx(str(tmp_path / "fashion_mnist"), split, images, labels)
+    _write_idx_set(str(tmp_path / "fashion_mnist"), *want["train"], test=want["test"])
     for split, (images, labels) in want.items():
         got_images, got_labels = sources.read_idx("fashion_mnist", str(tmp_path), split)
         np.testing.assert_array_equal(got_images, images[..., None])
@@ -78,17 +84,57 @@ def test_idx_gz_round_trip(tmp_path):
 
 def test_idx_uncompressed_in_data_dir(tmp_path):
     images = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
-    _write_idx(str(tmp_path), "test", images, np.array([7, 1]), compress=False)
+    _write_idx_set(str(tmp_path), images[::-1], np.array([3, 4]), compress=False,
+                   test=(images, np.array([7, 1])))
     got_images, got_labels = sources.read_idx("mnist", str(tmp_path), "test")
     np.testing.assert_array_equal(got_images[..., 0], images)
     np.testing.assert_array_equal(got_labels, [7, 1])
 
 
-def test_idx_missing_files_name_the_path(tmp_path):
+def test_idx_missing_files_name_every_place_and_the_fix(tmp_path, no_system_data):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz") as e:
         sources.read_idx("fashion_mnist", missing, "train")
-    assert missing in str(e.value) and "fashion-mnist" in str(e.value)
+    message = str(e.value)
+    for place in (os.path.join(missing, "fashion_mnist"), missing,
+                  sources.SYSTEM_DIRS["fashion_mnist"]):
+        assert place in message, message
+    assert "apt-get update && apt-get install dataset-fashion-mnist" in message
+    assert "github.com/zalandoresearch/fashion-mnist" in message
+    with pytest.raises(FileNotFoundError) as e:  # MNIST has no system package
+        sources.read_idx("mnist", missing, "train")
+    assert "apt-get" not in str(e.value) and "ossci-datasets" in str(e.value)
+
+
+def test_idx_falls_back_to_the_system_location_last(tmp_path, monkeypatch):
+    system = str(tmp_path / "usr_share")
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", {"fashion_mnist": system})
+    images = np.full((2, 3, 3), 9, np.uint8)
+    _write_idx_set(system, images, np.array([1, 2]))
+    got, labels = sources.read_idx("fashion_mnist", str(tmp_path / "empty"), "train")
+    np.testing.assert_array_equal(got[..., 0], images)
+    got, _ = sources.read_idx("fashion_mnist", None, "test")  # no data_dir at all
+    np.testing.assert_array_equal(got[..., 0], images)
+    mine = np.full((2, 3, 3), 200, np.uint8)  # data_dir's own copy comes first
+    _write_idx_set(str(tmp_path / "data"), mine, np.array([0, 0]))
+    got, _ = sources.read_idx("fashion_mnist", str(tmp_path / "data"), "train")
+    np.testing.assert_array_equal(got[..., 0], mine)
+    assert sources.find_idx_directory("fashion_mnist", str(tmp_path / "data")) == str(
+        tmp_path / "data")
+
+
+def test_idx_part_of_the_set_is_named_not_mixed_with_another_copy(tmp_path, monkeypatch):
+    system = str(tmp_path / "usr_share")
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", {"fashion_mnist": system})
+    _write_idx_set(system, np.zeros((2, 3, 3), np.uint8), np.array([1, 2]))
+    part = tmp_path / "data" / "fashion_mnist"
+    _write_idx(str(part), "train", np.ones((2, 3, 3), np.uint8), np.array([1, 2]))
+    with pytest.raises(FileNotFoundError) as e:
+        sources.read_idx("fashion_mnist", str(tmp_path / "data"), "train")
+    message = str(e.value)
+    assert f"{part} holds part of the fashion_mnist IDX files" in message
+    assert "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz missing" in message
+    assert "apt-get install dataset-fashion-mnist" in message
 
 
 def _corrupt_idx_files(folder):
@@ -104,7 +150,7 @@ def _corrupt_idx_files(folder):
         (lbl_path, gzip.compress(_idx_bytes(np.zeros(4, np.uint8)))),      # 3 images, 4 labels
     ]
     for path, blob in cases:
-        _write_idx(folder, "train", images, labels)
+        _write_idx_set(folder, images, labels)
         with open(path, "wb") as f:
             f.write(blob)
         yield path
@@ -131,7 +177,7 @@ def test_a_corrupt_idx_file_stops_a_run_before_any_compilation(tmp_path, caplog)
     from gdjax import continual
 
     images, labels = np.zeros((3, 28, 28), np.uint8), np.zeros(3, np.uint8)
-    _write_idx(str(tmp_path / "fashion_mnist"), "train", images, labels)
+    _write_idx_set(str(tmp_path / "fashion_mnist"), images, labels)
     path = tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:40])  # a torn download
     config = split_fmnist.get_config("naive")
@@ -374,22 +420,47 @@ def test_batches_are_deterministic_and_resumable():
     with pipeline.batch_iterator(images, labels, num_steps=13, **kwargs) as it:
         full = list(it)
     assert len(full) == 13
-    for start in (0, 4, 9):  # 4 batches per epoch: resume mid-epoch and on a boundary
+    for start in (0, 4, 10):  # 5 batches per epoch: resume mid-epoch and on a boundary
         with pipeline.batch_iterator(images, labels, start_step=start, num_steps=13,
                                      **kwargs) as it:
             resumed = list(it)
         assert len(resumed) == 13 - start
         for a, b in zip(full[start:], resumed):
-            np.testing.assert_array_equal(a["image"], b["image"])
-            np.testing.assert_array_equal(a["label"], b["label"])
-    epoch = np.concatenate([b["label"] for b in full[:4]])
-    assert len(set(epoch)) == 20  # one epoch: distinct examples, remainder of 3 dropped
+            for key in ("image", "label", "mask"):
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_epoch_keeps_its_last_partial_batch_padded_and_masked():
+    """23 examples at batch 5: 4 full batches and one of 3 real rows (the reference's
+    drop_last=False), padded with 2 zero rows whose mask is 0; drop_last drops the 3."""
+    images, labels = _toy()
+    assert pipeline.steps_per_epoch(23, 5) == 5
+    assert pipeline.steps_per_epoch(23, 5, drop_last=True) == 4
+    assert pipeline.steps_per_epoch(12000, 128) == 94  # Split Fashion-MNIST, an experience
+    kwargs = dict(batch_size=5, seed=3, experience=2)
+    batches = [pipeline.host_batch(images, labels, s, **kwargs) for s in range(6)]
+    for b in batches:
+        assert b["image"].shape == (5, 1, 2, 3) and b["mask"].dtype == np.float32
+    np.testing.assert_array_equal([b["mask"].sum() for b in batches], [5, 5, 5, 5, 3, 5])
+    np.testing.assert_array_equal(batches[4]["mask"], [1, 1, 1, 0, 0])
+    assert not batches[4]["image"][3:].any() and not batches[4]["label"][3:].any()
+    real = np.concatenate([b["label"][b["mask"] > 0] for b in batches[:5]])
+    assert sorted(real) == list(range(23))  # one epoch: every example exactly once
+    order = np.random.default_rng([3, 3, 2, 2, 0]).permutation(23)  # "epoch_order", (2, 0)
+    np.testing.assert_array_equal(real, order)
+    np.testing.assert_array_equal(batches[4]["image"][:3], images[order[20:]])
+    dropped = [pipeline.host_batch(images, labels, s, drop_last=True, **kwargs)
+               for s in range(4)]
+    assert all(b["mask"].all() for b in dropped)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in dropped]), order[:20])
 
 
 def test_flip_is_a_left_right_mirror():
     images, labels = _toy()
     batch = pipeline.host_batch(images, labels, 7, batch_size=8, seed=1, experience=0, flip=True)
     mask = pipeline.flip_mask(7, batch_size=8, seed=1, experience=0)
+    # The "batch_flip" stream (code 4) at (experience 0, step 7).
+    np.testing.assert_array_equal(mask, np.random.default_rng([1, 4, 2, 0, 7]).random(8) < 0.5)
     assert 0 < mask.sum() < 8
     np.testing.assert_array_equal(batch["image"][mask], images[batch["label"]][mask][:, :, ::-1])
     np.testing.assert_array_equal(batch["image"][~mask], images[batch["label"]][~mask])
@@ -400,7 +471,11 @@ def test_flip_is_a_left_right_mirror():
 def test_batch_size_errors():
     images, labels = _toy(4)
     with pytest.raises(ValueError, match="batch size 5"):
-        pipeline.batch_iterator(images, labels, batch_size=5, seed=0, experience=0)
+        pipeline.batch_iterator(images, labels, batch_size=5, seed=0, experience=0,
+                                drop_last=True)
+    with pytest.raises(ValueError, match="batch size 5"):
+        pipeline.batch_iterator(images[:0], labels[:0], batch_size=5, seed=0, experience=0)
+    assert pipeline.steps_per_epoch(4, 5) == 1  # one short batch, as torch's loaders give
     with pytest.raises(ValueError, match="multiple of 8, e.g. 24 or 32"):
         pipeline.check_batch_size(30, 8)
     with pytest.raises(ValueError, match="e.g. 8$"):
@@ -464,7 +539,7 @@ _SHARDING_SCRIPT = textwrap.dedent("""
                                  sharding=sharding, **kwargs) as it:
         for step, batch in enumerate(it, start=2):
             host = pipeline.host_batch(images, labels, step, **kwargs)
-            for key in ("image", "label"):
+            for key in ("image", "label", "mask"):
                 array = batch[key]
                 assert array.shape == host[key].shape and len(array.sharding.device_set) == 8
                 shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start)

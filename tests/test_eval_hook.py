@@ -166,11 +166,17 @@ def test_missing_classifier_says_how_to_make_one(tmp_path):
         cls.load_classifier(str(tmp_path / "nothing"))
 
 
-def test_default_directories_name_the_architecture(tmp_path):
+def test_default_directories_name_the_architecture(tmp_path, monkeypatch):
+    """In the user cache ($GDJAX_CACHE_DIR, else ~/.cache/gdjax), never beside the data."""
     config = tiny_config(str(tmp_path / "data"))
+    monkeypatch.setenv("GDJAX_CACHE_DIR", str(tmp_path / "cache"))
     resnet_dir = cls.default_classifier_dir(config)
-    assert resnet_dir == os.path.join(str(tmp_path / "data"), "classifiers", "resnet18",
+    assert resnet_dir == os.path.join(str(tmp_path / "cache"), "classifiers", "resnet18",
                                       "digits_16px_1ch")
+    monkeypatch.delenv("GDJAX_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cls.default_classifier_dir(config) == os.path.join(
+        str(tmp_path / "home"), ".cache", "gdjax", "classifiers", "resnet18", "digits_16px_1ch")
     assert cls.default_classifier_dir(config, "simple_cnn") != resnet_dir
     with pytest.raises(ValueError, match="unknown classifier architecture"):
         cls.default_classifier_dir(config, "vgg")
@@ -306,9 +312,12 @@ def test_default_hook_for_the_digits_trains_its_classifier_once(saved, tmp_path,
 def test_default_hook_without_a_classifier_warns_and_is_none(tmp_path, caplog):
     config = tiny_config(str(tmp_path / "data"))
     config.data.name = "fashion_mnist"
+    config.eval.train_classifier = False
     with caplog.at_level(logging.WARNING):
         assert hooks.default_eval_hook(config) is None
+    assert "reports no KLD, ARD, fd_classifier or kid_classifier" in caplog.text
     assert "launch.train_classifier" in caplog.text
+    assert "--config.eval.train_classifier=True" in caplog.text
 
 
 def test_histogram_png(tmp_path):

@@ -190,7 +190,7 @@ def _still_valid(images: bytes, labels: bytes) -> bool:
 
 
 def test_missing_idx_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz not found"):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz, .* are not in"):
         sources.read_idx("mnist", str(tmp_path), "train")
 
 

@@ -1,6 +1,7 @@
 """The reproduction sweep (launch/reproduce.py): every (variant, seed) run, resumable, then
 one report."""
 
+import copy
 import json
 import os
 
@@ -13,7 +14,8 @@ from tests.test_continual import tiny_config
 
 
 def make_runs(config, variants, seeds):
-    return sweep.make_runs(config, variants, seeds, with_variant=base.with_variant)
+    return sweep.make_runs(lambda v: base.with_variant(copy.deepcopy(config), v), variants,
+                           seeds)
 
 
 def small_config():

@@ -60,9 +60,12 @@ def generator():
     return continual.model_apply_fn(config), unet.init_params(config, jax.random.key(3))
 
 
-def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(generator):
+@pytest.mark.parametrize("real", [4, 2])
+def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(generator, real):
     """The loss the compiled step minimises equals the formula on replay images and teacher
-    labels recomputed outside it; the frozen inputs come out bitwise unchanged."""
+    labels recomputed outside it; the frozen inputs come out bitwise unchanged. With 2 real
+    rows of 4 (an epoch's padded last batch) the means run over those 2 and over the first
+    ceil(3 * 2 / 4) = 2 of the 3 replay rows."""
     gen_apply, gen_params = generator
     cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2)
     schedule = make_schedule()
@@ -86,9 +89,15 @@ def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(gen
     ce = np.mean(-np.log(softmax64(logits[:4])[np.arange(4), labels]))
     want = ce / 3 + (2 / 3) * replay_loss64(logits[4:], teacher_logits, 2.0)
 
+    if real < 4:
+        kept = -(-3 * real // 4)
+        ce = np.mean(-np.log(softmax64(logits[:real])[np.arange(real), labels[:real]]))
+        want = ce / 3 + (2 / 3) * replay_loss64(logits[4:4 + kept], teacher_logits[:kept], 2.0)
+        images[real:] = 7.0  # padding rows: whatever they hold counts for nothing
+    mask = (np.arange(4) < real).astype(np.float32)
     step = solver.make_step(cfg, gen_apply, True)
-    new_state, loss = step(state, gen_params, schedule, images, labels, jnp.int32(experience),
-                           rng)
+    new_state, loss = step(state, gen_params, schedule, images, labels, mask,
+                           jnp.int32(experience), rng)
     assert float(loss) == pytest.approx(want, rel=1e-4)
     assert np.abs(np.asarray(replay)).max() <= 1.0  # raw sampler output, clipped x0
     after = leaves((new_state.teacher, gen_params))
@@ -164,10 +173,10 @@ class FakeSteps:
     def __call__(self, cfg, gen_apply, with_replay):
         self.made.append((gen_apply, with_replay))
 
-        def step(state, gen_params, schedule, images, labels, experience, rng):
+        def step(state, gen_params, schedule, images, labels, mask, experience, rng):
             self.calls.append(dict(state=state, gen_params=gen_params, schedule=schedule,
                                    images=np.asarray(images), labels=np.asarray(labels),
-                                   experience=int(experience)))
+                                   mask=np.asarray(mask), experience=int(experience)))
             i = len(self.calls) - 1
             return state, jnp.float32(self.losses[i] if self.losses else 1.0)
 
@@ -183,8 +192,9 @@ def _pairs(images, labels):
 def test_solver_data_and_replay_follow_its_strategy(strategy, tmp_path, monkeypatch):
     """Through continual.train_solver, experience by experience: the naive and the
     generative-replay solver see experience k's training rows only, the cumulative one those
-    of experiences 0..k, each row at most once per epoch and every full batch of them; only
-    generative replay, from k = 1, gets the replay step and the frozen previous generator."""
+    of experiences 0..k, each row exactly once per epoch (the last batch partial, padded and
+    masked); only generative replay, from k = 1, gets the replay step and the frozen
+    previous generator."""
     run = continual.build(tiny_config(strategy, solver=True), str(tmp_path))
     fake = FakeSteps()
     monkeypatch.setattr(solver, "make_step", fake)
@@ -204,19 +214,21 @@ def test_solver_data_and_replay_follow_its_strategy(strategy, tmp_path, monkeypa
         assert all(c["experience"] == k for c in fake.calls)
         assert all(c["gen_params"] is (previous_generator if replay else None) and
                    c["schedule"] is (run.schedule if replay else None) for c in fake.calls)
-        given = sum((_pairs(c["images"], c["labels"]) for c in fake.calls), collections.Counter())
-        extra = given - allowed  # rows from elsewhere, or a row twice in the one epoch
-        assert not extra, f"{extra.total()} rows of labels {sorted({y for _, y in extra})}"
-        assert given.total() == mask.sum() // run.solver.batch_size * run.solver.batch_size
-        assert set(np.concatenate([c["labels"] for c in fake.calls])) == set(classes)
+        given = sum((_pairs(c["images"][c["mask"] > 0], c["labels"][c["mask"] > 0])
+                     for c in fake.calls), collections.Counter())
+        assert given == allowed  # every row once: none from elsewhere, none twice, none left
+        n, b = int(mask.sum()), run.solver.batch_size
+        np.testing.assert_array_equal([c["mask"].sum() for c in fake.calls],
+                                      [b] * (n // b) + ([n % b] if n % b else []))
         # The previous solver is frozen first: the teacher that labels replay is a copy.
         np.testing.assert_array_equal(fake.calls[0]["state"].teacher["w"], params["w"])
 
 
 def test_a_non_finite_solver_loss_stops_naming_experience_epoch_and_step(monkeypatch):
-    """10 images in batches of 4: 2 steps per epoch. The loss turns NaN at the second step of
-    epoch 1 (solver step 3): the run stops at the end of that epoch, before epoch 2."""
-    fake = FakeSteps([1.0, 0.9, 0.8, float("nan"), 0.7, 0.6])
+    """10 images in batches of 4: 3 steps per epoch (the last of 2 rows). The loss turns NaN
+    at the second step of epoch 1 (solver step 4): the run stops at the end of that epoch,
+    before epoch 2."""
+    fake = FakeSteps([1.0, 0.9, 0.8, 0.7, float("nan"), 0.6, 0.5])
     monkeypatch.setattr(solver, "make_step", fake)
     epochs_done = []
     progress = type("P", (), {"update": lambda self, n: epochs_done.append(n)})()
@@ -228,12 +240,75 @@ def test_a_non_finite_solver_loss_stops_naming_experience_epoch_and_step(monkeyp
                                 with_replay=False, progress=progress)
     message = str(e.value)
     assert message.startswith("non-finite solver loss (nan) at experience 3, epoch 1, step 1 "
-                              "of the epoch (solver step 3 of the experience; 1 of the epoch's "
-                              "2 steps")
+                              "of the epoch (solver step 4 of the experience; 1 of the epoch's "
+                              "3 steps")
     assert "Lower solver.learning_rate" in message and "solver.enabled=False" in message
-    assert len(fake.calls) == 4 and epochs_done == [1]
+    assert len(fake.calls) == 6 and epochs_done == [1]
     # inf counts too; finite losses pass.
     with pytest.raises(solver.NonFiniteSolverLossError, match=r"\(inf\) at experience 0, "
                        r"epoch 2, step 0 of the epoch \(solver step 8 of"):
         solver.check_finite([np.inf, 1.0], experience=0, epoch=2, first_step=8)
     solver.check_finite(np.array([1.0, 1e30], np.float32), experience=0, epoch=0, first_step=0)
+
+
+def test_solver_epochs_visit_every_row_once_and_flip_like_the_generator(monkeypatch):
+    """10 images at batch 4: steps of 4, 4 and 2 real rows (padded to 4, mask 0 on the
+    padding); each epoch's order is the "solver_order" stream at (experience, epoch); with
+    `flip` each row is mirrored where the "solver_flip" stream at (experience, epoch, step)
+    draws < 0.5, as data.flip does for the generator's rows (CIFAR-10)."""
+    fake = FakeSteps()
+    monkeypatch.setattr(solver, "make_step", fake)
+    images = np.random.default_rng(4).uniform(-1, 1, (10, 3, 3, 1)).astype(np.float32)
+    labels = np.arange(10, dtype=np.int32)
+    cfg = solver.SolverConfig(strategy="naive", epochs=2, batch_size=4)
+    solver.train_experience(cfg, solver.SolverState({"w": jnp.ones(2)}, None, None),
+                            images=images, labels=labels, experience=1, seed=5,
+                            with_replay=False, flip=True)
+    assert len(fake.calls) == 6
+    flipped = 0
+    for epoch in range(2):
+        calls = fake.calls[3 * epoch:3 * epoch + 3]
+        np.testing.assert_array_equal([c["mask"].sum() for c in calls], [4, 4, 2])
+        assert not calls[2]["images"][2:].any() and list(calls[2]["mask"]) == [1, 1, 0, 0]
+        order = np.random.default_rng([5, 14, 2, 1, epoch]).permutation(10)
+        seen = np.concatenate([c["labels"][c["mask"] > 0] for c in calls])
+        np.testing.assert_array_equal(seen, order)
+        for i, c in enumerate(calls):
+            n = int(c["mask"].sum())
+            flips = np.random.default_rng([5, 15, 3, 1, epoch, i]).random(n) < 0.5
+            want = images[c["labels"][:n]].copy()
+            want[flips] = want[flips][:, :, ::-1]
+            np.testing.assert_array_equal(c["images"][:n], want)
+            flipped += flips.sum()
+    assert 0 < flipped < 20
+    fake.calls.clear()
+    solver.train_experience(cfg, solver.SolverState({"w": jnp.ones(2)}, None, None),
+                            images=images, labels=labels, experience=1, seed=5,
+                            with_replay=False, drop_last=True)
+    assert [int(c["mask"].sum()) for c in fake.calls] == [4, 4, 4, 4]
+
+
+def test_simple_cnn_starts_as_torch_initialises_it():
+    """REFERENCE §6: torch's default for Conv2d and Linear, weights and biases
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bound is checked against torch's own layers."""
+    torch = pytest.importorskip("torch")
+    params = cls.init_classifier(jax.random.key(0), (16, 16, 1), 10)
+    torch.manual_seed(0)
+    reference = {"conv1": torch.nn.Conv2d(1, 32, 3), "conv2": torch.nn.Conv2d(32, 32, 3),
+                 "conv3": torch.nn.Conv2d(32, 64, 3), "conv4": torch.nn.Conv2d(64, 128, 3),
+                 "conv5": torch.nn.Conv2d(128, 128, 1), "head": torch.nn.Linear(128, 10)}
+    assert sorted(params) == sorted(reference)
+    for name, layer in reference.items():
+        bound = 1 / np.sqrt(np.prod(layer.weight.shape[1:]))
+        for ours, theirs in ((params[name]["kernel"], layer.weight), (params[name]["bias"],
+                                                                      layer.bias)):
+            ours, theirs = np.asarray(ours), theirs.detach().numpy()
+            assert ours.size == theirs.size
+            assert np.abs(theirs).max() <= bound and np.abs(ours).max() <= bound
+            # Uniform over the whole range: both reach near the bound, std bound / sqrt(3).
+            assert np.abs(ours).max() > 0.7 * bound and np.abs(theirs).max() > 0.7 * bound
+            if ours.size >= 1000:
+                assert np.std(ours) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+                assert np.std(theirs) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    other = cls.init_classifier(jax.random.key(1), (16, 16, 1), 10)
+    assert not np.array_equal(other["conv1"]["bias"], params["conv1"]["bias"])

@@ -125,6 +125,53 @@ def test_targets_are_the_teachers_predictions(name, setup):
     assert metrics[0]["loss"] == pytest.approx(data / 3 + (2 / 3) * 0.7 * replay, rel=1e-4)
 
 
+@pytest.mark.parametrize("name", [strategies.FULL_GENERATION, strategies.ER])
+def test_a_padded_last_batch_counts_only_its_real_rows(name, setup):
+    """An epoch's short last batch: 3 real rows of B = 4 (mask 1, 1, 1, 0). The losses are
+    means over the real rows and over the first ceil(4 * 3 / 4) = 3 replay rows,
+    recomputed outside the step in float64; whatever the padding row holds, the update is
+    bitwise the same (its gradient is exactly zero)."""
+    student, teacher, batch = setup
+    cfg = StrategyConfig(name, lambd=0.7)
+    mask = np.array([1, 1, 1, 0], np.float32)
+    k_eps, k_t, k_replay = replay_key(0)
+    x0 = batch["image"]
+    eps = jax.random.normal(k_eps, x0.shape)
+    t = jax.random.randint(k_t, (B,), 0, 1000)
+    rows = jax.jit(lambda tp, key, memory: strategies.replay_rows(
+        cfg, apply_fn=apply_fn, teacher_params=tp, schedule=SCHEDULE, rng=key,
+        image_shape=x0.shape, memory_x0=memory))(teacher, k_replay, batch["memory"])
+    pred = np.asarray(APPLY(student, jnp.concatenate([add_noise(SCHEDULE, x0, noise=eps, t=t),
+                                                      rows.x]), jnp.concatenate([t, rows.t])),
+                      np.float64)
+    per_row = lambda p, target: ((p - np.asarray(target, np.float64)) ** 2).mean(axis=(1, 2, 3))
+    data, replay = per_row(pred[:B], eps)[:3].mean(), per_row(pred[B:], rows.target)[:3].mean()
+    want = (np.concatenate([per_row(pred[:B], eps)[:3], per_row(pred[B:], rows.target)[:3]]).mean()
+            if name == strategies.ER else data / 3 + (2 / 3) * 0.7 * replay)
+    padded = dict(batch, mask=jnp.asarray(mask))
+    junk = dict(padded, image=batch["image"].at[3].set(5.0), memory=batch["memory"].at[3].set(-9.0))
+    _, state, metrics = run_steps(name, student, teacher, padded, n=1, experience=2)
+    _, state_junk, metrics_junk = run_steps(name, student, teacher, junk, n=1, experience=2)
+    assert metrics[0]["data_loss"] == pytest.approx(data, rel=1e-4)
+    assert metrics[0]["replay_loss"] == pytest.approx(replay, rel=1e-4)
+    assert metrics[0]["loss"] == pytest.approx(want, rel=1e-4)
+    assert metrics_junk[0] == metrics[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+                 jax.device_get(state_junk.params))
+    # Without the mask the junk row would count.
+    _, _, unmasked = run_steps(name, student, teacher, dict(junk, mask=jnp.ones(B)), n=1,
+                               experience=2)
+    assert unmasked[0]["data_loss"] != pytest.approx(data, rel=1e-3)
+
+
+def test_replay_rows_follow_the_batch_size():
+    for mask, rows, want in (([1, 1, 1, 1], 4, 4), ([1, 1, 1, 0], 4, 3), ([1, 0, 0, 0], 4, 1),
+                             ([1, 1, 0, 0], 3, 2), ([1, 1, 1, 0], 8, 6), ([1, 1, 1, 1], 2, 2)):
+        got = np.asarray(losses.replay_mask(jnp.asarray(mask, jnp.float32), rows))
+        np.testing.assert_array_equal(got, np.arange(rows) < want)
+    assert losses.replay_mask(None, 4) is None
+
+
 def test_full_generation_inputs_come_from_the_teachers_reverse_process(setup):
     student, teacher, batch = setup
     cfg = StrategyConfig(strategies.FULL_GENERATION, teacher_steps=2)

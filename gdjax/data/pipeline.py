@@ -10,19 +10,22 @@ Two halves:
    The resize is kept in float (torchvision rounds PIL's uint8 output; the gap is < 1/255).
 
 2. Batching: the batch at `step` of experience `e` is a pure function of (seed, e, step,
-   dataset size, batch size). Epoch k visits the examples in the order
-   `np.random.default_rng([seed, e, k]).permutation(n)`, cut into `n // batch_size` batches
-   (the remainder is dropped); the optional horizontal flip of each row comes from
-   `default_rng([seed, e, step, 1])`. So a run resumed at step s gets exactly the batches it
-   would have had. `batch_iterator(...)` builds those batches in a background thread, a
-   couple ahead of the accelerator, and, given a `data_sharding()`, places each one on the
-   devices sharded along the batch axis (each host builds only the rows its devices hold).
+   dataset size, batch size). Epoch k visits the examples in the order of the named random
+   stream "epoch_order" (gdjax/rng.py) at (e, k), cut into batches of `batch_size`; the last
+   batch of an epoch keeps the remainder, as the reference's loaders do (drop_last False),
+   padded to `batch_size` zero rows with a 0 in its "mask" so that the step compiles once
+   (`drop_last=True` drops the remainder instead). The optional horizontal flip of each row
+   comes from the stream "batch_flip" at (e, step). So a run resumed at step s gets exactly
+   the batches it would have had. `batch_iterator(...)` builds those batches in a background
+   thread, a couple ahead of the accelerator, and, given a `data_sharding()`, places each one
+   on the devices sharded along the batch axis (each host builds only the rows its devices
+   hold).
 
     train, test = load_dataset("digits", image_size=16, channels=1)
     part = train.select(experiences[e])
     with batch_iterator(part.images, part.labels, batch_size=64, seed=0, experience=e,
                         start_step=s, num_steps=400, sharding=data_sharding()) as batches:
-        for batch in batches:          # {"image": [64, 16, 16, 1], "label": [64]}
+        for batch in batches:          # {"image": [64, 16, 16, 1], "label": [64], "mask": [64]}
             ...
 """
 
@@ -34,9 +37,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from gdjax import rng
 from gdjax.data import sources, splits
 
-_FLIP_STREAM = 1  # 4th seed word of the flip stream; the permutation stream's is an implicit 0
 _RESIZE_CHUNK = 4096  # images resized at a time, to bound the host memory it takes
 
 
@@ -143,46 +146,100 @@ def load_dataset(name: str, *, source: str | None = None, data_dir: str | None =
     return out[0], out[1]
 
 
+def resize_uint8_pil(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC images (1 or 3 channels) resized to size x size by PIL's bilinear filter,
+    in uint8: what torchvision's `Resize(size, antialias=True)` gives on the reference's PIL
+    images. The real images of the reference's FID take this path (gdjax's own training
+    images are resized in float by `resize_bilinear`, which differs by < 1/255)."""
+    from PIL import Image  # lazily: only the FID's real images need it
+
+    images = np.asarray(images, np.uint8)
+    if images.shape[1:3] == (size, size):
+        return images.copy()
+    mode = {1: "L", 3: "RGB"}[images.shape[-1]]
+    out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
+    for i, image in enumerate(images):
+        pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+        out[i] = np.asarray(pil.resize((size, size), Image.BILINEAR)).reshape(size, size, -1)
+    return out
+
+
+def load_uint8_split(name: str, *, source: str | None = None, data_dir: str | None = None,
+                     image_size: int, channels: int, split: str = "test") -> ImageSplit:
+    """One split as uint8 [N, image_size, image_size, channels] images resized by PIL
+    (`resize_uint8_pil`) and int32 labels: the reference's real images for FID."""
+    source = source or sources.default_source(name)
+    images, labels = sources.read_source(name, source=source, split=split, data_dir=data_dir,
+                                         channels=channels)
+    images = resize_uint8_pil(convert_channels(images, channels), image_size)
+    return ImageSplit(images, labels.astype(np.int32))
+
+
 # ----------------------------------------------------------------------------- batch order
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch (the remainder is dropped)."""
-    if batch_size < 1 or num_examples < batch_size:
+def steps_per_epoch(num_examples: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """Batches per epoch: every example once, the last batch partial unless `drop_last`."""
+    if batch_size < 1 or num_examples < 1 or (drop_last and num_examples < batch_size):
         raise ValueError(f"batch size {batch_size} needs 1 <= batch size <= the "
                          f"{num_examples} examples of the experience")
-    return num_examples // batch_size
+    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
 
 
 def epoch_permutation(seed: int, experience: int, epoch: int, num_examples: int) -> np.ndarray:
     """The order (int64 [num_examples]) in which epoch `epoch` of `experience` visits examples."""
-    return np.random.default_rng([seed, experience, epoch]).permutation(num_examples)
+    return rng.numpy_rng(seed, "epoch_order", experience, epoch).permutation(num_examples)
 
 
 def batch_indices(step: int, *, num_examples: int, batch_size: int, seed: int,
-                  experience: int) -> np.ndarray:
-    """Example indices (int64 [batch_size]) of the batch at global `step` of `experience`."""
-    epoch, position = divmod(step, steps_per_epoch(num_examples, batch_size))
+                  experience: int, drop_last: bool = False) -> np.ndarray:
+    """Example indices (int64, at most [batch_size]) of the batch at global `step` of
+    `experience`; the last batch of an epoch is shorter unless `drop_last`."""
+    per_epoch = steps_per_epoch(num_examples, batch_size, drop_last=drop_last)
+    epoch, position = divmod(step, per_epoch)
     order = epoch_permutation(seed, experience, epoch, num_examples)
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def flip_mask(step: int, *, batch_size: int, seed: int, experience: int) -> np.ndarray:
+def flip_mask(step: int, *, batch_size: int, seed: int, experience: int,
+              stream: str = "batch_flip") -> np.ndarray:
     """bool [batch_size]: which rows of the batch at `step` are flipped left-right."""
-    rng = np.random.default_rng([seed, experience, step, _FLIP_STREAM])
-    return rng.random(batch_size) < 0.5
+    return rng.numpy_rng(seed, stream, experience, step).random(batch_size) < 0.5
+
+
+def flip_rows(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`images` (NHWC, a new array) with the rows where `mask` holds mirrored left-right."""
+    images = np.array(images)
+    images[mask] = images[mask, :, ::-1]
+    return images
+
+
+def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` followed by zero rows up to `size` rows."""
+    pad = size - len(rows)
+    if pad <= 0:
+        return rows
+    return np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], rows.dtype)])
 
 
 def host_batch(images: np.ndarray, labels: np.ndarray, step: int, *, batch_size: int,
-               seed: int, experience: int, flip: bool = False,
+               seed: int, experience: int, flip: bool = False, drop_last: bool = False,
                rows: slice = slice(None)) -> dict[str, np.ndarray]:
-    """Rows `rows` of the batch at `step`: {"image": float32 NHWC, "label": int32}."""
+    """Rows `rows` of the batch at `step`: {"image": float32 NHWC, "label": int32,
+    "mask": float32}, always `batch_size` rows before slicing: the short last batch of an
+    epoch is padded with zero rows whose mask is 0 (one compiled shape; the step takes its
+    means over the rows whose mask is 1)."""
     index = batch_indices(step, num_examples=len(labels), batch_size=batch_size, seed=seed,
-                          experience=experience)[rows]
+                          experience=experience, drop_last=drop_last)
     image = np.take(images, index, axis=0)
     if flip:
-        mask = flip_mask(step, batch_size=batch_size, seed=seed, experience=experience)[rows]
-        image[mask] = image[mask, :, ::-1]
-    return {"image": image, "label": np.take(labels, index).astype(np.int32)}
+        mask = flip_mask(step, batch_size=batch_size, seed=seed, experience=experience)
+        image = flip_rows(image, mask[:len(index)])
+    real = np.zeros(batch_size, np.float32)
+    real[:len(index)] = 1.0
+    batch = {"image": pad_rows(image, batch_size),
+             "label": pad_rows(np.take(labels, index).astype(np.int32), batch_size),
+             "mask": real}
+    return {name: value[rows] for name, value in batch.items()}
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -227,15 +284,18 @@ def shard_batch(batch: dict[str, np.ndarray], sharding, *, batch_size: int | Non
     """This process's rows of a global batch -> dict of global jax.Arrays sharded on axis 0.
 
     `batch` holds the rows `local_rows(sharding, batch_size)` of the global batch (all of it on
-    one host); `batch_size` is the global size (default: the local size, i.e. one host).
+    one host); `batch_size` is the global size (default: each entry's local size times the
+    process count, so entries of different sizes, such as ER's memory rows, may share a batch).
     """
     import jax
 
-    local = len(next(iter(batch.values())))
-    batch_size = batch_size or local * jax.process_count()
-    check_batch_size(batch_size, sharding.mesh.shape["data"])
-    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
-            for k, v in batch.items()}
+    out = {}
+    for name, value in batch.items():
+        size = batch_size or len(value) * jax.process_count()
+        check_batch_size(size, sharding.mesh.shape["data"])
+        out[name] = jax.make_array_from_process_local_data(sharding, value,
+                                                           (size,) + value.shape[1:])
+    return out
 
 
 # ----------------------------------------------------------------------------- prefetch
@@ -308,28 +368,38 @@ class Prefetcher(Iterator):
         self.close()
 
 
-def _batches(images, labels, steps, *, batch_size, seed, experience, flip, sharding):
+def _batches(images, labels, steps, *, batch_size, seed, experience, flip, drop_last,
+             sharding, extra):
     rows = slice(None) if sharding is None else local_rows(sharding, batch_size)
     for step in steps:
         batch = host_batch(images, labels, step, batch_size=batch_size, seed=seed,
-                           experience=experience, flip=flip, rows=rows)
-        yield batch if sharding is None else shard_batch(batch, sharding, batch_size=batch_size)
+                           experience=experience, flip=flip, drop_last=drop_last, rows=rows)
+        if extra is not None:  # global rows: keep this process's share of each
+            batch.update({name: value if sharding is None
+                          else value[local_rows(sharding, len(value))]
+                          for name, value in extra(step).items()})
+        yield batch if sharding is None else shard_batch(batch, sharding)
 
 
 def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
                    experience: int, start_step: int = 0, num_steps: int | None = None,
-                   flip: bool = False, sharding=None, prefetch: int = 2) -> Prefetcher:
+                   flip: bool = False, drop_last: bool = False, sharding=None,
+                   prefetch: int = 2, extra=None) -> Prefetcher:
     """Batches at steps start_step, ..., num_steps - 1 (forever if None) of `experience`.
 
-    Each is {"image": float32 [B, H, W, C], "label": int32 [B]}: numpy arrays, or, with a
-    `sharding` (see `data_sharding`), global jax.Arrays sharded along the batch. `num_steps`
-    is the experience's total, so a run resumed at step s passes the same `num_steps` and
-    `start_step=s`. Close the iterator (or use it in a `with`) to stop its thread.
+    Each is `host_batch`'s {"image": float32 [B, H, W, C], "label": int32 [B], "mask":
+    float32 [B]}: numpy arrays, or, with a `sharding` (see `data_sharding`), global
+    jax.Arrays sharded along the batch, placed on the devices by the background thread.
+    `extra(step)`, if given, adds host arrays to each batch before it is placed (this
+    process's rows of them; e.g. ER's memory rows). `num_steps` is the experience's total,
+    so a run resumed at step s passes the same `num_steps` and `start_step=s`. Close the
+    iterator (or use it in a `with`) to stop its thread.
     """
-    steps_per_epoch(len(labels), batch_size)  # fail here, not in the thread
+    steps_per_epoch(len(labels), batch_size, drop_last=drop_last)  # fail here, not in the thread
     if sharding is not None:
         check_batch_size(batch_size, sharding.mesh.shape["data"])
     steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
     return Prefetcher(_batches(images, labels, steps, batch_size=batch_size, seed=seed,
-                               experience=experience, flip=flip, sharding=sharding),
+                               experience=experience, flip=flip, drop_last=drop_last,
+                               sharding=sharding, extra=extra),
                       size=prefetch)

@@ -8,7 +8,10 @@ TensorFlow. The sources, by the name `read_source` takes:
   is held out as the test split by a fixed permutation, the same for every run.
 - "raw": the files as their publishers distribute them, in `data_dir` or `data_dir/<name>`:
   MNIST / Fashion-MNIST IDX files (`train-images-idx3-ubyte.gz`, ..., gzipped or not) and
-  CIFAR-10's `cifar-10-python.tar.gz` (or its extracted `cifar-10-batches-py/`).
+  CIFAR-10's `cifar-10-python.tar.gz` (or its extracted `cifar-10-batches-py/`). Where
+  neither holds the IDX files, the system location of a Debian package is looked at last
+  (`SYSTEM_DIRS`: `apt-get install dataset-fashion-mnist` puts Fashion-MNIST under
+  /usr/share/datasets/fashion-mnist/).
 - "tfds": an already prepared TFDS data set read with `tfds.data_source` (array_record
   files); `prepare=True` runs `download_and_prepare` first, which needs TensorFlow.
 - "folder": `data_dir/<split>/<class name>/*.png|jpg|...`; class index = rank of the
@@ -40,6 +43,11 @@ _IDX_URLS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/ (mirror of yann.lecun.com/exdb/mnist)",
     "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist#get-the-data",
 }
+# Where a system package puts a data set (Debian's dataset-fashion-mnist: the full set,
+# recompressed, so the .gz checksums differ from the publisher's but the contents do not).
+# Looked at after data_dir.
+SYSTEM_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -136,19 +144,72 @@ def parse_idx(data: bytes, path: str, *, ndim: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
-def read_idx(name: str, data_dir: str, split: str) -> Arrays:
-    """MNIST or Fashion-MNIST from its IDX files in `data_dir` or `data_dir/<name>`."""
+def _idx_stems(name: str) -> list[str]:
+    """The four IDX files of a data set, without the optional .gz."""
+    return [f"{_IDX_PREFIX[split]}-{kind}-ubyte" for split in SPLITS
+            for kind in ("images-idx3", "labels-idx1")]
+
+
+def _present(folder: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def idx_directories(name: str, data_dir: str | None) -> list[str]:
+    """Where the IDX files of `name` are looked for, in order: data_dir/<name>, data_dir,
+    then the system location of the data set's Debian package, if it has one."""
+    dirs = [] if data_dir is None else [os.path.join(data_dir, name), data_dir]
+    if name in SYSTEM_DIRS:
+        dirs.append(SYSTEM_DIRS[name])
+    return dirs
+
+
+def find_idx_directory(name: str, data_dir: str | None) -> str:
+    """The first of `idx_directories` that holds all four IDX files of `name`.
+
+    A directory holding some of them is an error naming the missing ones (no silent mix of
+    two copies); none holding any is a FileNotFoundError naming every place looked at and
+    how to get the files.
+    """
+    stems = _idx_stems(name)
+    looked = idx_directories(name, data_dir)
+    for folder in looked:
+        found = {stem: _present(folder, stem) for stem in stems}
+        if all(found.values()):
+            return folder
+        if any(found.values()):
+            missing = ", ".join(f"{stem}.gz" for stem, path in found.items() if path is None)
+            raise FileNotFoundError(
+                f"{folder} holds part of the {name} IDX files: {missing} missing. Put all four "
+                f"there ({_idx_get(name)}), or remove the others so that gdjax looks further.")
+    raise FileNotFoundError(
+        f"the {name} IDX files ({', '.join(s + '.gz' for s in stems)}) are not in "
+        f"{' nor '.join(looked) or 'any directory (data.data_dir is empty)'}. "
+        f"{_idx_get(name)[0].upper()}{_idx_get(name)[1:]}.")
+
+
+def _idx_get(name: str) -> str:
+    """How to get the IDX files of `name`."""
+    hint = f"download them from {_IDX_URLS[name]} into data.data_dir"
+    if name in SYSTEM_PACKAGES:
+        hint = (f"install them with `apt-get update && apt-get install {SYSTEM_PACKAGES[name]}` "
+                f"(into {SYSTEM_DIRS[name]}), or {hint}")
+    return hint
+
+
+def read_idx(name: str, data_dir: str | None, split: str) -> Arrays:
+    """MNIST or Fashion-MNIST from its IDX files: the first of `idx_directories(name,
+    data_dir)` that holds all four (`find_idx_directory`)."""
     _check_split(split)
     if name not in IDX_DATASETS:
         raise ValueError(f"IDX files hold {IDX_DATASETS}, not {name!r}")
-    dirs = [os.path.join(data_dir, name), data_dir]
-    expected = (f"Expected the {name} IDX files ({_IDX_PREFIX['train']}-images-idx3-ubyte.gz, "
-                f"{_IDX_PREFIX['train']}-labels-idx1-ubyte.gz, t10k-...) in {dirs[0]} or "
-                f"{dirs[1]}; get them from {_IDX_URLS[name]}.")
+    folder = find_idx_directory(name, data_dir)
     arrays = []
     for kind, ndim in (("images-idx3", 3), ("labels-idx1", 1)):
-        stem = f"{_IDX_PREFIX[split]}-{kind}-ubyte"
-        path = _find_file(dirs, [stem + ".gz", stem], expected)
+        path = _present(folder, f"{_IDX_PREFIX[split]}-{kind}-ubyte")
         try:
             arrays.append((parse_idx(_read_bytes(path), path, ndim=ndim), path))
         except ValueError as e:
@@ -360,6 +421,8 @@ def read_source(name: str, *, source: str, split: str, data_dir: str | None = No
         return read_digits(split)
     if source == "tfds":
         return read_tfds(name, data_dir, split, prepare=prepare)
+    if source == "raw" and name in IDX_DATASETS:
+        return read_idx(name, data_dir, split)  # data_dir may be None: the system location
     if data_dir is None:
         raise ValueError(f"source {source!r} needs a data_dir")
     if source == "folder":

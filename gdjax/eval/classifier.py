@@ -42,6 +42,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from gdjax import cache, rng
 from gdjax import data as gdata
 from gdjax.eval import augment as aug
 from gdjax.eval import metrics, resnet
@@ -158,10 +159,28 @@ class SimpleCNN(nn.Module):
         return self.logits_and_features(x, train=train)[0]
 
 
+def torch_default_init(rng: jax.Array, params) -> dict:
+    """`params` (layers of "kernel" and "bias") redrawn as torch initialises Conv2d and
+    Linear layers: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in the
+    kernel's input size (kh * kw * in_channels; in_features). torch's kaiming_uniform with
+    a = sqrt(5) gives exactly that bound for the weights."""
+    out = {}
+    for i, name in enumerate(sorted(params)):
+        kernel, bias = params[name]["kernel"], params[name]["bias"]
+        bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+        k_kernel, k_bias = jax.random.split(jax.random.fold_in(rng, i))
+        out[name] = {
+            "kernel": jax.random.uniform(k_kernel, kernel.shape, kernel.dtype, -bound, bound),
+            "bias": jax.random.uniform(k_bias, bias.shape, bias.dtype, -bound, bound)}
+    return out
+
+
 def init_classifier(rng: jax.Array, image_shape: tuple, num_classes: int):
-    """Fresh SimpleCNN parameters for images of `image_shape` (H, W, C)."""
+    """Fresh SimpleCNN parameters for images of `image_shape` (H, W, C), initialised as
+    torch initialises the reference's SimpleCNN (`torch_default_init`)."""
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    return SimpleCNN(num_classes=num_classes).init(rng, x)["params"]
+    shapes = jax.eval_shape(SimpleCNN(num_classes=num_classes).init, rng, x)["params"]
+    return torch_default_init(rng, shapes)
 
 
 def num_classes_of(params) -> int:
@@ -246,19 +265,19 @@ def train_classifier(train: gdata.ImageSplit, *, seed: int, epochs: int, batch_s
     decay_steps = epochs * steps_per_epoch if lr_schedule == "cosine" else 0
     step_fn, optimizer = _train_step(check_architecture(arch), num_classes, float(lr),
                                      augmentation, decay_steps)
-    init_key, step_key = jax.random.split(jax.random.key(seed))
+    init_key, step_key = rng.key(seed, "classifier_init"), rng.key(seed, "classifier_step")
     variables = init_variables(arch, init_key, train.images.shape[1:], num_classes)
     opt_state = optimizer.init(variables["params"])
     bar = Progress(epochs * steps_per_epoch, f"classifier {arch}",
                    every_seconds=progress_every or float("inf"))
     step = 0
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        order = rng.numpy_rng(seed, "classifier_order", epoch).permutation(len(train))
         for i in range(steps_per_epoch):
             rows = order[i * batch_size:(i + 1) * batch_size]
-            rng = jax.random.fold_in(step_key, step)
             variables, opt_state, loss = step_fn(variables, opt_state, train.images[rows],
-                                                 train.labels[rows], rng)
+                                                 train.labels[rows],
+                                                 jax.random.fold_in(step_key, step))
             step += 1
             bar.update(1, epoch=epoch + 1, loss=loss)
     if progress_every is not None:
@@ -384,13 +403,12 @@ def load_classifier(path: str, *, architecture: str | None = None,
 # ----------------------------------------------------------------------------- per config
 
 def default_classifier_dir(config, arch: str | None = None) -> str:
-    """`<data.data_dir or ~/.cache/gdjax>/classifiers/<arch>/<data set>_<size>px_<channels>ch`,
-    `arch` defaulting to `config.eval.classifier`."""
+    """`<cache>/classifiers/<arch>/<data set>_<size>px_<channels>ch` in the user cache
+    (gdjax/cache.py: $GDJAX_CACHE_DIR or ~/.cache/gdjax), never beside the data, which may
+    sit in a read-only system folder; `arch` defaults to `config.eval.classifier`."""
     d = config.data
     arch = check_architecture(arch or config.eval.classifier)
-    root = d.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "gdjax")
-    return os.path.abspath(os.path.join(root, "classifiers", arch,
-                                        f"{d.name}_{d.image_size}px_{d.channels}ch"))
+    return cache.cache_path("classifiers", arch, f"{d.name}_{d.image_size}px_{d.channels}ch")
 
 
 def _load_data(config) -> tuple[gdata.ImageSplit, gdata.ImageSplit]:

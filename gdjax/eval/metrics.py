@@ -84,12 +84,13 @@ def _unbiased_mmd2(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def kid(features_a, features_b, *, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+        seed: int | np.random.Generator = 0) -> tuple[float, float]:
     """(mean, std) over `subsets` random subsets of the unbiased polynomial-kernel MMD².
 
     Each subset draws `subset_size` rows without replacement from each set (capped at the
     smaller set's size, which must be >= 2); the std is the population std (ddof 0), as in
-    torchmetrics' KernelInceptionDistance. Deterministic given `seed`.
+    torchmetrics' KernelInceptionDistance. Deterministic given `seed` (an int, or a numpy
+    Generator such as a named stream of gdjax/rng.py).
     """
     a = np.asarray(features_a, np.float64)
     b = np.asarray(features_b, np.float64)

@@ -15,8 +15,8 @@ same experience. Its strategy follows the generator's:
 The replay images, the teacher's labels and the student's update run in one jitted step
 whose frozen inputs (previous generator, previous solver) are explicit arguments. Adam
 starts afresh each experience (avalanche resets the optimizer), dropout is on in training,
-and every epoch visits a seeded permutation in full batches (the remainder is dropped, so
-the step compiles once). The losses of an epoch are fetched to the host once, at its end, and
+and every epoch visits a seeded permutation in batches, the last one partial as in the
+reference's loaders (padded to the batch size and masked, so the step compiles once). The losses of an epoch are fetched to the host once, at its end, and
 a NaN or inf among them stops the run (`NonFiniteSolverLossError`).
 """
 
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gdjax import ddim
+from gdjax import data as gdata
+from gdjax import ddim, losses, rng
 from gdjax.eval import classifier as cls
 from gdjax.schedule import Schedule
 
@@ -75,20 +76,30 @@ class SolverState(NamedTuple):
     teacher: Any
 
 
-def replay_loss(student_logits, teacher_logits, temperature: float):
-    """T^2 * mean over rows of -sum_c softmax(student/T)_c * log_softmax(teacher/T)_c."""
+def replay_loss(student_logits, teacher_logits, temperature: float, mask=None):
+    """T^2 * mean over rows of -sum_c softmax(student/T)_c * log_softmax(teacher/T)_c
+    (over the rows whose `mask` is 1, when given)."""
     p_student = jax.nn.softmax(student_logits / temperature, axis=-1)
     log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    return temperature**2 * jnp.mean(-jnp.sum(p_student * log_p_teacher, axis=-1))
+    return temperature**2 * _mean(-jnp.sum(p_student * log_p_teacher, axis=-1), mask)
 
 
-def solver_loss(logits, labels, replay_logits, teacher_logits, *, experience, temperature):
-    """(1/(k+1)) CE(real rows) + (1 - 1/(k+1)) replay; CE alone without replay rows."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _mean(rows, mask):
+    if mask is None:
+        return jnp.mean(rows)
+    return jnp.sum(rows * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def solver_loss(logits, labels, replay_logits, teacher_logits, *, experience, temperature,
+                mask=None, replay_mask=None):
+    """(1/(k+1)) CE(real rows) + (1 - 1/(k+1)) replay; CE alone without replay rows. The
+    masks (None: every row) pick the real rows of a padded last batch."""
+    ce = _mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
     if replay_logits is None:
         return ce
     w = 1.0 / (experience.astype(jnp.float32) + 1.0)
-    return w * ce + (1.0 - w) * replay_loss(replay_logits, teacher_logits, temperature)
+    return w * ce + (1.0 - w) * replay_loss(replay_logits, teacher_logits, temperature,
+                                            replay_mask)
 
 
 def make_optimizer(cfg: SolverConfig) -> optax.GradientTransformation:
@@ -113,23 +124,25 @@ def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *,
 
 @functools.lru_cache(maxsize=8)
 def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
-    """The jitted step `(state, gen_params, schedule, images, labels, experience, rng) ->
-    (state, loss)`; `gen_params` (the previous generator) and `schedule` are only read
-    `with_replay` (pass None otherwise). Cached per setting: `gen_apply` must be stable."""
+    """The jitted step `(state, gen_params, schedule, images, labels, mask, experience, rng)
+    -> (state, loss)`; `mask` [B] marks the real rows (1) of a padded batch; `gen_params`
+    (the previous generator) and `schedule` are only read `with_replay` (pass None
+    otherwise). Cached per setting: `gen_apply` must be stable."""
     model, optimizer = cls.SimpleCNN(num_classes=cfg.num_classes), make_optimizer(cfg)
 
-    def loss_fn(params, teacher, images, labels, replay, experience, rng):
+    def loss_fn(params, teacher, images, labels, mask, replay, experience, rng):
         inputs = images if replay is None else jnp.concatenate([images, replay])
         logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
         if replay is None:
             return solver_loss(logits, labels, None, None, experience=experience,
-                               temperature=cfg.temperature)
+                               temperature=cfg.temperature, mask=mask)
         teacher_logits = jax.lax.stop_gradient(model.apply({"params": teacher}, replay))
         batch = images.shape[0]
         return solver_loss(logits[:batch], labels, logits[batch:], teacher_logits,
-                           experience=experience, temperature=cfg.temperature)
+                           experience=experience, temperature=cfg.temperature, mask=mask,
+                           replay_mask=losses.replay_mask(mask, replay.shape[0]))
 
-    def step(state: SolverState, gen_params, schedule, images, labels, experience, rng):
+    def step(state: SolverState, gen_params, schedule, images, labels, mask, experience, rng):
         k_gen, k_drop = jax.random.split(rng)
         replay = None
         if with_replay:
@@ -137,7 +150,7 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
             replay = generate_replay(gen_apply, gen_params, schedule, k_gen,
                                      shape=(rows,) + images.shape[1:], num_steps=cfg.gen_steps)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.teacher, images, labels,
-                                                  replay, experience, k_drop)
+                                                  mask, replay, experience, k_drop)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return SolverState(optax.apply_updates(state.params, updates), opt_state,
                            state.teacher), loss
@@ -148,11 +161,15 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
 def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarray,
                      labels: np.ndarray, experience: int, seed: int, with_replay: bool,
                      gen_apply: Callable | None = None, gen_params=None,
-                     schedule: Schedule | None = None, progress=None) -> SolverState:
+                     schedule: Schedule | None = None, flip: bool = False,
+                     drop_last: bool = False, progress=None) -> SolverState:
     """Trains the solver on one experience's data (cfg.epochs epochs); returns its state.
 
-    The previous solver (`state.teacher`) must already be frozen by the caller. Batches and
-    dropout/replay keys are drawn from (seed, experience, epoch, step): a rerun is identical.
+    The previous solver (`state.teacher`) must already be frozen by the caller. Each epoch
+    visits the named stream "solver_order" permutation in batches of `cfg.batch_size`, the
+    last one partial (padded and masked) unless `drop_last`; `flip` mirrors rows as the
+    generator's batches are (stream "solver_flip"); dropout and replay keys come from the
+    stream "solver_step". A rerun is identical.
     """
     batch = min(cfg.batch_size, len(images))
     if batch < 1:
@@ -161,15 +178,23 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     if not with_replay:
         gen_params = schedule = None
     state = state._replace(opt_state=make_optimizer(cfg).init(state.params))
-    key = jax.random.fold_in(jax.random.key(seed), 30_000 + experience)
+    key = rng.key(seed, "solver_step", experience)
     exp = jnp.int32(experience)
+    per_epoch = gdata.steps_per_epoch(len(images), batch, drop_last=drop_last)
     step = 0
     for epoch in range(cfg.epochs):
-        order = np.random.default_rng([seed, experience, epoch, 11]).permutation(len(images))
+        order = rng.numpy_rng(seed, "solver_order", experience, epoch).permutation(len(images))
         losses = []  # stay on device until the epoch ends: one transfer per epoch
-        for i in range(len(images) // batch):
+        for i in range(per_epoch):
             rows = order[i * batch:(i + 1) * batch]
-            state, loss = step_fn(state, gen_params, schedule, images[rows], labels[rows], exp,
+            x = images[rows]
+            if flip:
+                mask = rng.numpy_rng(seed, "solver_flip", experience, epoch, i).random(len(rows))
+                x = gdata.flip_rows(x, mask < 0.5)
+            real = np.zeros(batch, np.float32)
+            real[:len(rows)] = 1.0
+            state, loss = step_fn(state, gen_params, schedule, gdata.pad_rows(x, batch),
+                                  gdata.pad_rows(labels[rows], batch), real, exp,
                                   jax.random.fold_in(key, step))
             losses.append(loss)
             step += 1
@@ -196,8 +221,9 @@ def check_finite(losses, *, experience: int, epoch: int, first_step: int) -> Non
         f"or set solver.enabled=False to train the generator without the classifier.")
 
 
-def steps_per_experience(cfg: SolverConfig, num_images: int) -> int:
-    return cfg.epochs * (num_images // min(cfg.batch_size, num_images))
+def steps_per_experience(cfg: SolverConfig, num_images: int, *, drop_last: bool = False) -> int:
+    return cfg.epochs * gdata.steps_per_epoch(num_images, min(cfg.batch_size, num_images),
+                                              drop_last=drop_last)
 
 
 @functools.lru_cache(maxsize=4)
