@@ -96,6 +96,8 @@ def get_config() -> ConfigDict:
         learning_rate=1e-3,
         temperature=2.0,
         replay_size=0,          # 0: the batch size; replay images come from eval.steps DDIM steps
+        replay_loss="forward",  # forward: KD's -sum p_teacher log p_student | reference: the
+                                # authors' -sum p_student log p_teacher (README: the solver)
     ))
     c.log = ConfigDict(dict(
         tensorboard=True,

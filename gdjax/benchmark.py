@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdjax import continual, ddim, strategies, unet
+from gdjax import ddim, strategies, unet
+from gdjax.run import model_apply_fn
 from gdjax.schedule import Schedule, make_schedule
 from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
 
@@ -143,7 +144,7 @@ def compiled_flops(compiled) -> float | None:
 def forward_flops(config: unet.UNetConfig, batch: int = 1, *, compile: bool = True):
     """FLOPs of one forward of `batch` images (compiled cost analysis, else the lowered HLO's;
     `compile=False` takes the lowered HLO's at once); None where neither is available."""
-    apply_fn = continual.model_apply_fn(config)
+    apply_fn = model_apply_fn(config)
     params = unet.param_shapes(config)
     x = jax.ShapeDtypeStruct((batch, config.sample_size, config.sample_size,
                               config.in_channels), jnp.float32)
@@ -191,7 +192,7 @@ def _jax_train_call(cfg: BenchConfig, row: str, config, params, schedule):
     """(compiled step, a no-argument call running it, the compiled program's flops)."""
     strategy = strategies.StrategyConfig(name=_ROW_STRATEGY[row], teacher_steps=cfg.teacher_steps)
     optimizer = make_optimizer(OptimConfig())
-    step = make_train_step(apply_fn=continual.model_apply_fn(config), schedule=schedule,
+    step = make_train_step(apply_fn=model_apply_fn(config), schedule=schedule,
                            strategy=strategy, optimizer=optimizer,
                            with_replay=row not in (PLAIN, PLAIN_2B))
     rows = 2 * cfg.batch if row == PLAIN_2B else cfg.batch
@@ -213,7 +214,7 @@ def _jax_train_call(cfg: BenchConfig, row: str, config, params, schedule):
 
 
 def _jax_sample_call(cfg: BenchConfig, config, params, schedule):
-    apply_fn = continual.model_apply_fn(config)
+    apply_fn = model_apply_fn(config)
     shape = (cfg.batch, config.sample_size, config.sample_size, config.in_channels)
 
     def sample(params, schedule, rng):

@@ -6,7 +6,7 @@ such as /usr/share/datasets). The root is `$GDJAX_CACHE_DIR`, else `~/.cache/gdj
 
     <root>/classifiers/<arch>/<data set>_<size>px_<channels>ch/   (gdjax/eval/classifier.py)
     <root>/inception/                                             (gdjax/eval/inception.py)
-    <root>/fid_features/<data set>_<size>px_<channels>ch.npz      (gdjax/eval/hooks.py)
+    <root>/fid_features/<data set>_<size>px_<channels>ch.npz      (gdjax/eval/fid.py)
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gdjax import hosts
+from gdjax import files, hosts
 from gdjax.unet import UNetConfig, param_shapes
 
 CONFIG_FILE = "config.json"
@@ -93,12 +93,7 @@ def _as_numpy(value) -> np.ndarray:
 def check_state_dict(shapes: Mapping[str, tuple[int, ...]], config: UNetConfig) -> None:
     """Raises ValueError listing missing/unexpected keys and wrong shapes (torch layout)."""
     expected = {k: shape for k, (_, shape) in expected_torch_shapes(config).items()}
-    problems = [f"missing key {k!r} (expected shape {expected[k]})"
-                for k in sorted(set(expected) - set(shapes))]
-    problems += [f"unexpected key {k!r} (shape {tuple(shapes[k])})"
-                 for k in sorted(set(shapes) - set(expected))]
-    problems += [f"key {k!r}: expected shape {expected[k]}, found {tuple(shapes[k])}"
-                 for k in sorted(set(shapes) & set(expected)) if tuple(shapes[k]) != expected[k]]
+    problems = files.shape_problems(shapes, expected)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -161,28 +156,23 @@ def load_diffusers_checkpoint(directory, dtype: str = "float32") -> tuple[UNetCo
 # ---------------------------------------------------------------- gdjax checkpoints
 
 def save_params(path, params, config: UNetConfig) -> None:
-    """Writes `params` (Orbax, under path/params) and the config (path/unet_config.json)."""
-    import orbax.checkpoint as ocp
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
+    """Writes `params` (Orbax, under path/params) and then, atomically, the config
+    (path/unet_config.json): a directory without that file is an unfinished save."""
     params = jax.tree.map(hosts.host_copy, params)  # also replicated multi-host arrays
-    with ocp.StandardCheckpointer(
-            multiprocessing_options=hosts.local_orbax_options()) as checkpointer:
-        checkpointer.save(path / _PARAMS_DIR, params, force=True)
-        checkpointer.wait_until_finished()
-    (path / GDJAX_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    files.save_tree(path, params, dataclasses.asdict(config), tree_dir=_PARAMS_DIR,
+                    meta_file=GDJAX_CONFIG_FILE,
+                    multiprocessing_options=hosts.local_orbax_options())
 
 
 def restore_params(path) -> tuple[UNetConfig, dict]:
     """(UNetConfig, params) written by `save_params`; params come back as float32 jax arrays."""
-    import orbax.checkpoint as ocp
     path = Path(path).absolute()
-    for needed in (path / GDJAX_CONFIG_FILE, path / _PARAMS_DIR):
-        if not needed.exists():
-            raise FileNotFoundError(f"not a gdjax params checkpoint, missing {needed}")
-    config = UNetConfig(**json.loads((path / GDJAX_CONFIG_FILE).read_text()))
+    config = UNetConfig(**files.saved_meta(path, GDJAX_CONFIG_FILE, missing=(
+        f"not a gdjax params checkpoint (or its save never finished), missing "
+        f"{path / GDJAX_CONFIG_FILE}")))
+    if not (path / _PARAMS_DIR).exists():
+        raise FileNotFoundError(f"not a gdjax params checkpoint, missing {path / _PARAMS_DIR}")
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(config))
-    with ocp.StandardCheckpointer(
-            multiprocessing_options=hosts.local_orbax_options()) as checkpointer:
-        params = checkpointer.restore(path / _PARAMS_DIR, target)
+    params = files.load_tree(path, target, tree_dir=_PARAMS_DIR,
+                             multiprocessing_options=hosts.local_orbax_options())
     return config, params

@@ -164,6 +164,19 @@ def _truncate_stream(path: pathlib.Path, resume_step: int) -> None:
 # ----------------------------------------------------------------------------- the logger
 
 
+class NullLogger:
+    """The logger of processes other than 0 in a multi-host run: process 0 writes the rows."""
+
+    def write(self, stream, step, metrics) -> None:
+        del stream, step, metrics
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricLogger:
     """Writes metric rows to JSON lines, and mirrors them to TensorBoard and W&B.
 

@@ -60,7 +60,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from gdjax import data as gdata
-from gdjax import strategies
+from gdjax import figures, files, rundir, strategies
 from gdjax.logs import read_metrics
 
 # Row keys that say where a row belongs or how it was made (launch/evaluate.py's rows)
@@ -174,22 +174,14 @@ def find_runs(patterns: Iterable[str]) -> list[str]:
 
 
 def _read_config(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{workdir} has no config.json: it is not a gdjax run directory (launch/train.py "
-            f"writes one when a run starts); remove it from --runs.")
+    """The run's config.json (`rundir.read_config`), its errors telling what to do here."""
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): not a gdjax run config.") from e
-    names_ok = isinstance(config, dict) and all(
-        isinstance(config.get(s), dict) and isinstance(config[s].get("name"), str)
-        for s in ("data", "strategy"))
-    if not names_ok:
-        raise ValueError(f"{path} has no data.name / strategy.name: it is not the config.json "
-                         f"of a gdjax run; remove {workdir} from --runs.")
+        config = rundir.read_config(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e} Remove {workdir} from --runs.") from None
+    if not all(isinstance(config[s].get("name"), str) for s in ("data", "strategy")):
+        raise ValueError(f"{rundir.config_path(workdir)} has no data.name / strategy.name: it "
+                         f"is not the config.json of a gdjax run; remove {workdir} from --runs.")
     return config
 
 
@@ -359,22 +351,11 @@ def best_entries(groups, table: Table, last: dict[str, int], metric: str) -> set
 
 # ----------------------------------------------------------------------------- files
 
-def _atomic_write(path: str, data: bytes) -> str:
-    # Same directory, so os.replace is atomic: a reader never sees half a file.
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
+def _atomic_write(path: str, data: bytes | str) -> str:
+    return str(files.atomic_write(path, data))
 
 
-def _save_figure(fig: Figure, path: str, *, tight: bool = False) -> str:
-    buffer = io.BytesIO()
-    # tight: image axes keep their aspect, which the constrained layout does not leave room
-    # for multi-line titles around; the tight box grows the PNG to fit them.
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if tight else None,
-                pad_inches=0.1)
-    return _atomic_write(path, buffer.getvalue())
+_save_figure = figures.save_figure
 
 
 def _csv_rows(groups, table: Table, experiences: dict[str, Sequence[int]]) -> list[tuple]:
@@ -669,16 +650,11 @@ def class_histogram_figure(groups, last: dict[str, int]) -> Figure | None:
     fig = Figure(figsize=(6.4, 0.6 + 2.2 * len(data)), layout="constrained")
     axes = fig.subplots(len(data), 1, squeeze=False)[:, 0]
     for ax, (label, (gen, true)) in zip(axes, data.items()):
-        x = np.arange(gen.shape[1])
         sem = gen.std(axis=0, ddof=0) / math.sqrt(len(gen)) if len(gen) > 1 else None
-        ax.bar(x - 0.2, true.mean(axis=0), 0.4, color="0.6", label="true")
-        ax.bar(x + 0.2, gen.mean(axis=0), 0.4, yerr=sem, color="tab:orange", capsize=2,
-               label="generated (mean ± standard error)")
-        ax.set_title(f"{label}: experience {last[label]}, n={len(gen)}", fontsize=9)
-        ax.set_xticks(x)
-        ax.set_ylabel("fraction")
-        ax.legend(fontsize=7)
-    axes[-1].set_xlabel("class")
+        figures.draw_class_histogram(
+            ax, true.mean(axis=0), gen.mean(axis=0), error=sem,
+            title=f"{label}: experience {last[label]}, n={len(gen)}",
+            generated_label="generated (mean ± standard error)")
     return fig
 
 

@@ -9,6 +9,7 @@ targets (REFERENCE §4).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -49,24 +50,32 @@ class StrategyConfig:
     teacher_steps: int = 2
     teacher_eta: float = 0.0
     replay_size: int = 0  # 0: the batch size
+    er_buffer_size: int = 1000  # experience replay's buffer (gdjax/data/memory.py)
 
-    def validate(self, num_train_timesteps: int = 1000) -> None:
+    def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(
                 f"strategy.name={self.name!r} is unknown; use one of: {', '.join(STRATEGIES)}.")
-        if not 0 <= self.replay_start_timestep < num_train_timesteps:
+        for name in ("lambd", "teacher_eta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"strategy.{name}={value!r} must be a finite number >= 0.")
+        for name, low in (("replay_start_timestep", 0), ("teacher_steps", 1),
+                          ("replay_size", 0), ("er_buffer_size", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise ValueError(f"strategy.{name}={value!r} must be an integer >= {low}"
+                                 + (" (0: the batch size)." if name == "replay_size" else "."))
+
+    def check_timesteps(self, num_train_timesteps: int) -> None:
+        """ValueError unless the timestep settings fit a schedule of that many steps."""
+        if not self.replay_start_timestep < num_train_timesteps:
             raise ValueError(
                 f"strategy.replay_start_timestep={self.replay_start_timestep} must be in "
                 f"0..{num_train_timesteps - 1}.")
-        if not 1 <= self.teacher_steps <= num_train_timesteps:
+        if not self.teacher_steps <= num_train_timesteps:
             raise ValueError(
                 f"strategy.teacher_steps={self.teacher_steps} must be in 1..{num_train_timesteps}.")
-        if self.teacher_eta < 0:
-            raise ValueError(f"strategy.teacher_eta={self.teacher_eta} must be >= 0.")
-        if self.lambd < 0:
-            raise ValueError(f"strategy.lambd={self.lambd} must be >= 0.")
-        if self.replay_size < 0:
-            raise ValueError(f"strategy.replay_size={self.replay_size} must be >= 0 (0: batch size).")
 
 
 class ReplayRows(NamedTuple):

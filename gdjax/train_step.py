@@ -10,6 +10,7 @@ replicated; XLA inserts the gradient all-reduce, so the math equals the one-devi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,15 +30,28 @@ class TrainState(NamedTuple):
     experience: jnp.ndarray  # int32 scalar, 0-based index of the experience being learned
     params: Any
     opt_state: Any
+    skipped: jnp.ndarray  # int32 scalar: updates dropped so far (train.on_nan="skip")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """Adam after global-norm clipping, the baseline's (REFERENCE §4)."""
+
     learning_rate: float = 2e-4
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; <= 0 disables
+
+    def __post_init__(self):
+        for name in ("learning_rate", "b1", "b2", "eps", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value)):
+                key = f"train.{name}" if name in ("learning_rate", "grad_clip") else name
+                raise ValueError(f"{key}={value!r} must be a finite number.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"train.learning_rate={self.learning_rate} must be > 0.")
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -49,7 +63,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, optimizer: optax.GradientTransformation, experience: int = 0) -> TrainState:
-    return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params))
+    return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params),
+                      jnp.int32(0))
 
 
 def _distill_loss(params, apply_fn, schedule, criterion, replay, replay_rows_mask):
@@ -91,9 +106,45 @@ def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t
     return loss, (data_loss, replay_loss)
 
 
-def _keep_if_bad(ok, new, old):
-    """`new` where `ok`, else `old`, leaf by leaf (a select: no host round trip)."""
+def _select(ok, new, old):
+    """`new` where `ok` holds, else `old`, leaf by leaf (a select: no host round trip)."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+class _Spec(NamedTuple):
+    """The static parts of a train step (hashable; closed over, never traced)."""
+
+    apply_fn: Callable
+    schedule: Schedule
+    strategy: StrategyConfig
+    criterion: str
+    use_replay: bool
+    distill_only: bool
+    constrain: Callable
+
+
+def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
+    """((loss, (data loss, replay loss)), gradients) of one step's batch."""
+    k_eps, k_t, k_replay = jax.random.split(jax.random.fold_in(rng, state.step), 3)
+    x0, mask = batch["image"], batch.get("mask")  # no mask: every row is real
+    eps = spec.constrain(jax.random.normal(k_eps, x0.shape, x0.dtype))
+    t = spec.constrain(jax.random.randint(k_t, x0.shape[:1], 0,
+                                          spec.schedule.num_train_timesteps))
+    x_t = add_noise(spec.schedule, x0, noise=eps, t=t)
+    replay, rows_mask = None, None
+    if spec.use_replay:
+        rows = spec.strategy.replay_size or x0.shape[0]
+        rows_mask = None if mask is None else spec.constrain(losses.replay_mask(mask, rows))
+        replay = strategies.replay_rows(
+            spec.strategy, apply_fn=spec.apply_fn, teacher_params=teacher_params,
+            schedule=spec.schedule, rng=k_replay, image_shape=(rows,) + x0.shape[1:],
+            data_x_t=x_t, data_t=t, memory_x0=batch.get("memory"), constrain=spec.constrain)
+    if spec.distill_only:
+        return jax.value_and_grad(_distill_loss, has_aux=True)(
+            state.params, spec.apply_fn, spec.schedule, spec.criterion, replay, rows_mask)
+    return jax.value_and_grad(_student_loss, has_aux=True)(
+        state.params, spec.apply_fn, spec.schedule, spec.criterion, spec.strategy,
+        state.experience, x_t, t, eps, replay, mask, rows_mask)
 
 
 def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
@@ -103,8 +154,9 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
 
     `on_nan="skip"` keeps the old params and optimizer state when the loss or the gradient
-    norm is not finite, and adds metric "skipped" (1 for a dropped update, else 0);
-    "stop" applies every update and leaves the check to the caller.
+    norm is not finite and counts the dropped update in `state.skipped`; "stop" applies
+    every update and leaves the check to the caller. The settings are checked where they
+    are built (gdjax/run.py), not here.
 
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
@@ -114,55 +166,33 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     batch; the means are taken over the real rows, and over the first
     ceil(R * real / B) replay rows (`losses.replay_mask`).
     `rng` is one fixed key per run; the step folds in `state.step`, so a resumed run draws
-    the same numbers. The train state is donated.
+    the same numbers. The train state is donated. With a `mesh`, the batch is split over
+    its 'data' axis and everything else replicated, as declared shardings: an input placed
+    otherwise is an error.
     """
-    if on_nan not in ("stop", "skip"):
-        raise ValueError(f"train.on_nan={on_nan!r} is unknown; use 'stop' or 'skip'.")
-    if criterion not in losses.CRITERIA:
-        raise ValueError(f"train.criterion={criterion!r} is unknown; use one of {losses.CRITERIA}.")
-    strategy.validate(schedule.num_train_timesteps)
-    use_replay = with_replay and strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE)
-    data_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
-    constrain = ((lambda x: jax.lax.with_sharding_constraint(x, data_sharding))
+    rows_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+    spec = _Spec(apply_fn, schedule, strategy, criterion,
+                 with_replay and strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE),
+                 distill_only, (lambda x: jax.lax.with_sharding_constraint(x, rows_sharding))
                  if mesh is not None else (lambda x: x))
 
-    def step(state: TrainState, teacher_params, batch, rng):
-        rng = jax.random.fold_in(rng, state.step)
-        k_eps, k_t, k_replay = jax.random.split(rng, 3)
-        x0 = batch["image"]
-        eps = constrain(jax.random.normal(k_eps, x0.shape, x0.dtype))
-        t = constrain(jax.random.randint(k_t, x0.shape[:1], 0, schedule.num_train_timesteps))
-        x_t = add_noise(schedule, x0, noise=eps, t=t)
-        mask = batch.get("mask")  # None: every row is real
-        replay, rows_mask = None, None
-        if use_replay:
-            rows = strategy.replay_size or x0.shape[0]
-            rows_mask = None if mask is None else constrain(losses.replay_mask(mask, rows))
-            replay = strategies.replay_rows(
-                strategy, apply_fn=apply_fn, teacher_params=teacher_params, schedule=schedule,
-                rng=k_replay, image_shape=(rows,) + x0.shape[1:], data_x_t=x_t, data_t=t,
-                memory_x0=batch.get("memory"), constrain=constrain)
-        if distill_only:
-            grad_fn = jax.value_and_grad(_distill_loss, has_aux=True)
-            args = (apply_fn, schedule, criterion, replay, rows_mask)
-        else:
-            grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
-            args = (apply_fn, schedule, criterion, strategy, state.experience, x_t, t, eps, replay,
-                    mask, rows_mask)
-        (loss, (data_loss, replay_loss)), grads = grad_fn(state.params, *args)
+    def train_step(state: TrainState, teacher_params, batch, rng):
+        (loss, (data_loss, replay_loss)), grads = _loss_and_grads(spec, state, teacher_params,
+                                                                  batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
-                   "grad_norm": grad_norm}
+        skipped = state.skipped
         if on_nan == "skip":
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            params, opt_state = _keep_if_bad(ok, (params, opt_state),
-                                             (state.params, state.opt_state))
-            metrics["skipped"] = (~ok).astype(jnp.int32)
-        return TrainState(state.step + 1, state.experience, params, opt_state), metrics
+            params, opt_state = _select(ok, (params, opt_state), (state.params, state.opt_state))
+            skipped = skipped + (~ok).astype(jnp.int32)
+        metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
+                   "grad_norm": grad_norm}
+        return TrainState(state.step + 1, state.experience, params, opt_state, skipped), metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+        return jax.jit(train_step, donate_argnums=(0,))
+    same = NamedSharding(mesh, P())
+    return jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(same, same, rows_sharding, same), out_shardings=(same, same))

@@ -230,12 +230,6 @@ def _named_configs() -> dict[str, UNetConfig]:
             sample_size=16, in_channels=1, out_channels=1,
             block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3),
-        # The reduced Split Fashion-MNIST (configs/split_fmnist_small.py): the digits'
-        # layout at twice the width, for 16x16 garments on 2 CPU cores.
-        "fmnist_small": UNetConfig(
-            sample_size=16, in_channels=1, out_channels=1,
-            block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3),
         # For fast tests; still has one attention block of each kind plus the mid attention.
         "tiny": UNetConfig(
             sample_size=16, in_channels=1, out_channels=1,

@@ -16,6 +16,7 @@ xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 from absl import app, flags  # noqa: E402
 
 from gdjax import benchmark  # noqa: E402
+from launch import common  # noqa: E402
 
 _ROW_KEYS = {"plain": benchmark.PLAIN, "plain2b": benchmark.PLAIN_2B, "gd": benchmark.GD,
              "replay": benchmark.REPLAY, "gaussian": benchmark.GAUSSIAN,
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

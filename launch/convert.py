@@ -3,9 +3,10 @@
     python -m launch.convert --src <diffusers model or pipeline dir> --dst <orbax dir>
 """
 
-from absl import app, flags
+from absl import flags
 
 from gdjax import convert, unet
+from launch import common
 
 _SRC = flags.DEFINE_string("src", None, "diffusers UNet2DModel (or pipeline) directory.", required=True)
 _DST = flags.DEFINE_string("dst", None, "Output directory for the gdjax checkpoint.", required=True)
@@ -19,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -15,6 +15,7 @@ using the converted weights does not.
 from absl import app, flags
 
 from gdjax.eval import inception
+from launch import common
 
 _SRC = flags.DEFINE_string("src", None, "A weight file: NVIDIA's FID TorchScript "
                            "(default_1.pt) or the FID Inception .pth.")
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -11,10 +11,11 @@ from gdjax import xla_flags
 
 xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from configs import base  # noqa: E402
-from gdjax import evaluate  # noqa: E402
+from gdjax.eval import rescore  # noqa: E402
+from launch import common  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "The run directory (holding config.json).", required=True)
 flags.DEFINE_list("experiences", None, "0-based experiences to evaluate (default: every one "
@@ -30,15 +31,15 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     experiences = flags.FLAGS.experiences
-    rows = evaluate.evaluate_run(
+    rows = rescore.evaluate_run(
         flags.FLAGS.workdir, base.get_config(), num_samples=flags.FLAGS.num_samples,
         experiences=None if experiences is None else [int(k) for k in experiences])
     for row in rows:
         values = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                            if k not in ("step", "experience") and not k.startswith("gen_frac"))
         print(f"experience {row['experience']}: {values}")
-    print(f"wrote {len(rows)} row(s) to {flags.FLAGS.workdir}/metrics/{evaluate.STREAM}.jsonl")
+    print(f"wrote {len(rows)} row(s) to {flags.FLAGS.workdir}/metrics/{rescore.STREAM}.jsonl")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -9,9 +9,10 @@ sample std beside it, the entries overlapping the best in bold, strategies in th
 (see gdjax/report.py).
 """
 
-from absl import app, flags
+from absl import flags
 
 from gdjax import report
+from launch import common
 
 flags.DEFINE_list("runs", None, "Run directories and/or glob patterns (quote them), "
                   "comma-separated.", required=True)
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -25,14 +25,14 @@ from gdjax import xla_flags
 
 xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from gdjax import sweep  # noqa: E402
-from gdjax.config import define_config_flag  # noqa: E402
+from launch import common  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
-define_config_flag(_DEFAULT_CONFIG, "Base run config (its strategy is replaced by each "
+common.define_config_flag(_DEFAULT_CONFIG, "Base run config (its strategy is replaced by each "
                    "variant, its seed by each seed).")
 flags.DEFINE_list("variants", ["naive", "cumulative", "generative_replay",
                                "generative_distillation"], "Strategy variants (configs/base.py).")
@@ -52,11 +52,9 @@ def _config_module(path: str):
     return module
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    f = flags.FLAGS
+def variant_configs(f):
+    """config_for(variant): the --config file's get_config(variant), with the sweep's
+    schedule and then the command line's --config.x.y overrides; and the file's path."""
     path = config_flags.get_config_filename(f["config"]).split(":")[0]
     module = _config_module(path)
     overrides = config_flags.get_override_values(f["config"])
@@ -74,11 +72,21 @@ def main(argv):
         config.update_from_flattened_dict(overrides)
         return config
 
-    name = os.path.splitext(os.path.basename(path))[0].removeprefix("split_")
+    config_for.path = path
+    return config_for
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    config_for = variant_configs(f)
+    name = os.path.splitext(os.path.basename(config_for.path))[0].removeprefix("split_")
     root = f.root or os.path.join("runs", f"reproduce_{name}")
     paths = sweep.run_sweep(sweep.make_runs(config_for, f.variants, f.seeds), root)
     print(f"report: {paths.get('report.md', os.path.join(root, 'report'))}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

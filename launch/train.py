@@ -14,14 +14,14 @@ from gdjax import xla_flags
 
 xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from gdjax import continual  # noqa: E402
-from gdjax.config import define_config_flag  # noqa: E402
+from gdjax import continual, run  # noqa: E402
 from gdjax.eval import hooks  # noqa: E402
+from launch import common  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "split_digits.py")
-define_config_flag(_DEFAULT_CONFIG, "Run config file[:variant].")
+common.define_config_flag(_DEFAULT_CONFIG, "Run config file[:variant].")
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
                     "(default: runs/<config>_<variant>_seed<seed>).")
 flags.DEFINE_bool("overwrite", False, "Delete the workdir's checkpoints, metrics and samples "
@@ -37,13 +37,13 @@ def main(argv):
     if flags.FLAGS.distributed:
         import jax
         jax.distributed.initialize()
-    config = flags.FLAGS.config
+    settings = run.settings_from_config(flags.FLAGS.config)
     workdir = flags.FLAGS.workdir or os.path.join(
-        "runs", f"{config.data.name}_{config.strategy.name}_seed{config.seed}")
+        "runs", f"{settings.data.name}_{settings.strategy.name}_seed{settings.seed}")
     logging.info("workdir: %s", workdir)
-    continual.train(config, workdir, eval_hook=hooks.default_eval_hook(config),
+    continual.train(settings, workdir, eval_hook=hooks.default_eval_hook(settings),
                     overwrite=flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

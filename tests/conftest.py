@@ -35,3 +35,31 @@ def no_system_data(monkeypatch, tmp_path_factory):
     empty = str(tmp_path_factory.mktemp("no_system_datasets"))
     monkeypatch.setattr(sources, "SYSTEM_DIRS",
                         {name: os.path.join(empty, name) for name in sources.SYSTEM_DIRS})
+
+
+@pytest.fixture
+def compilations():
+    """A Counter of the XLA compilations during the test by function name ("train_step",
+    "solver_step", "sample", ...), read from jax.log_compiles' records: a compile-once check
+    through JAX's own logging."""
+    import collections
+    import logging
+    import re
+
+    import jax
+
+    counts = collections.Counter()
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            found = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+            if found:
+                counts[found.group(1)] += 1
+
+    handler, logger = Recorder(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield counts
+    finally:
+        logger.removeHandler(handler)

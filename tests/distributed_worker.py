@@ -108,7 +108,7 @@ def run(mesh, sharding, rows: slice):
 
 def loop_config():
     """A tiny 2-experience digits run (the test compares it with one process)."""
-    from tests.test_continual import tiny_config
+    from tests.helpers import tiny_config
     c = tiny_config()
     c.solver.enabled = False
     c.eval.save_experience_params = False

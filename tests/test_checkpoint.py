@@ -1,5 +1,6 @@
-"""Tests of gdjax.checkpoint: exact round trips, recovery from damaged checkpoints,
-clear errors on config changes and write failures, and sharded restores."""
+"""Tests of gdjax.checkpoint and gdjax.manifest: exact round trips, recovery from damaged
+checkpoints, one read per resume, clear errors on config changes and write failures, and
+sharded restores."""
 
 import errno
 import os
@@ -15,12 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gdjax import manifest, rundir
 from gdjax.checkpoint import (
     CheckpointError,
     Checkpointer,
     CheckpointWarning,
     CheckpointWriteError,
-    config_fingerprint,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +68,11 @@ def _saved(tmp_path, steps, **kwargs) -> Checkpointer:
     return ckpt
 
 
+def _finished_steps(directory) -> list[int]:
+    """The finished step directories on disk, ascending (an unfinished one has a tmp suffix)."""
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def _largest_file(directory) -> str:
     files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
     return max(files, key=os.path.getsize)
@@ -103,7 +109,7 @@ def test_restored_dtype_follows_template(tmp_path):
 
 def test_latest_step_and_max_to_keep(tmp_path):
     ckpt = _saved(tmp_path, [10, 20, 30, 40, 50], max_to_keep=2)
-    assert ckpt.all_steps() == [40, 50]
+    assert _finished_steps(tmp_path / "ckpt") == [40, 50]
     assert ckpt.latest_step() == 50
     ckpt.close()
     # A fresh process sees the same, and restores the newest.
@@ -114,6 +120,7 @@ def test_latest_step_and_max_to_keep(tmp_path):
     assert meta["experience"] == 50
     again.close()
     assert Checkpointer(tmp_path / "empty").latest_step() is None
+    assert Checkpointer(tmp_path / "empty").restore(_state(0)) is None
 
 
 # When one array read fails, tensorstore completes the others after orbax has closed
@@ -179,12 +186,39 @@ class _no_op:
 
 
 @_ignore_closed_loop
-def test_explicit_corrupt_step_raises(tmp_path):
+def test_crc_failure_is_named_and_the_step_before_restores(tmp_path):
     ckpt = _saved(tmp_path, [1, 2])
     _corrupt(tmp_path / "ckpt" / "2", "one_byte_flipped")
-    with pytest.raises(CheckpointError, match="CRC-32"):
-        ckpt.restore(_state(0), step=2)
-    _assert_bitwise_equal(ckpt.restore(_state(0), step=1)[0], jax.tree.map(np.asarray, _state(1)))
+    with pytest.warns(CheckpointWarning, match=r"ckpt/2: leaf .* fails its CRC-32 check"):
+        got, meta = ckpt.restore(_state(0))
+    _assert_bitwise_equal(got, jax.tree.map(np.asarray, _state(1)))
+    assert meta["experience"] == 1
+    ckpt.close()
+
+
+@_ignore_closed_loop
+@pytest.mark.parametrize("damaged", [False, True])
+def test_resume_reads_each_step_once(tmp_path, monkeypatch, damaged):
+    _saved(tmp_path, [1, 2, 3]).close()
+    if damaged:
+        _corrupt(tmp_path / "ckpt" / "3", "one_byte_flipped")
+    state_reads = []
+    real_restore = ocp.CheckpointManager.restore
+
+    def counting_restore(self, step, *args, **kwargs):
+        if "state" in kwargs["args"]:
+            state_reads.append(step)
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", counting_restore)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.warns(CheckpointWarning) if damaged else _no_op():
+        got, meta = ckpt.restore(_state(0))  # a resume: the newest good step, read once
+    newest = 2 if damaged else 3
+    _assert_bitwise_equal(got, jax.tree.map(np.asarray, _state(newest)))
+    assert meta["experience"] == newest
+    assert ckpt.latest_step() == newest  # asked again later: the verdict is cached
+    assert state_reads == ([3, 2] if damaged else [3])
     ckpt.close()
 
 
@@ -198,8 +232,12 @@ def test_all_corrupt_raises_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="start fresh") as info:
         ckpt.restore(_state(0))
     assert str(tmp_path / "ckpt") in str(info.value)
-    with pytest.raises(CheckpointError, match="no finished checkpoint"):
-        Checkpointer(tmp_path / "empty").restore(_state(0))
+    # No finished step at all is not an error: there is nothing to resume.
+    assert Checkpointer(tmp_path / "empty").restore(_state(0)) is None
+    _saved(tmp_path / "killed", [1]).close()
+    _corrupt(tmp_path / "killed" / "ckpt" / "1", "tmp_leftover")
+    with pytest.warns(CheckpointWarning, match="unfinished"):
+        assert Checkpointer(tmp_path / "killed" / "ckpt").restore(_state(0)) is None
 
 
 def test_template_mismatch_names_key_and_shapes(tmp_path):
@@ -242,7 +280,7 @@ def test_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatch, where, w
             ckpt.save(2, _state(2), {"experience": 2}, wait=wait)
             ckpt.wait()
     assert not _tmp_dirs(tmp_path / "ckpt")  # the partial write is cleaned up
-    assert ckpt.all_steps() == [1]
+    assert _finished_steps(tmp_path / "ckpt") == [1]
     assert ckpt.latest_step() == 1
     _assert_bitwise_equal(ckpt.restore(_state(0))[0], jax.tree.map(np.asarray, _state(1)))
     ckpt.save(2, _state(2), {"experience": 2}, wait=True)  # the disk has room again
@@ -261,35 +299,51 @@ def test_bad_inputs_fail_before_writing(tmp_path):
         ckpt.save(2, _state(0), {}, wait=True)
         with pytest.raises(ValueError, match="refusing to overwrite"):
             ckpt.save(1, _state(0), {})
-        assert ckpt.all_steps() == [2]
+        assert _finished_steps(tmp_path / "ckpt") == [2]
 
 
-def test_template_built_from_meta(tmp_path):
-    # The teacher is None during the first experience and a params copy afterwards.
+def test_a_teacher_that_appears_later_restores_from_the_newest_step(tmp_path):
+    # A teacher that is None during the first experience and a params copy afterwards.
     with Checkpointer(tmp_path / "ckpt") as ckpt:
-        first = _state(1)
-        ckpt.save(1, first, {"experience": 0})
+        ckpt.save(1, _state(1), {"experience": 0})
         later = {**_state(2), "teacher": _state(7)["params"]}
         ckpt.save(2, later, {"experience": 1})
-        meta = ckpt.restore_meta()
-        template = {**_state(0), "teacher": _state(0)["params"] if meta["experience"] else None}
-        got, got_meta = ckpt.restore(template)
-        assert got_meta == meta == {"experience": 1}
+        got, got_meta = ckpt.restore({**_state(0), "teacher": _state(0)["params"]})
+        assert got_meta == {"experience": 1}
         _assert_bitwise_equal(got, jax.tree.map(np.asarray, later))
-        assert ckpt.restore_meta(step=1) == {"experience": 0}
+        # A template without it is a config change, not a reason to fall back to step 1.
+        with pytest.raises(ValueError, match=r"'teacher/dense/w'.*not in the template"):
+            ckpt.restore(_state(0))
 
 
-def test_config_fingerprint():
+def test_manifest_catches_a_flipped_bit_and_rebuilds_empty_leaves():
+    state = _state(4)
+    host_tree, record = manifest.snapshot(state)
+    assert host_tree["empty_idx"] is None  # orbax cannot save it; the manifest carries it
+    arrays = {name: x for name, x in manifest.named_leaves(host_tree)}
+    checked = manifest.verify(arrays, record)
+    assert checked["empty_idx"].shape == (0,) and checked["empty_idx"].dtype == np.int32
+    _assert_bitwise_equal(manifest.place(checked, state), jax.tree.map(np.asarray, state))
+    flipped = arrays["params/dense/b"].copy()
+    flipped.view(np.uint8)[5] ^= 0x10
+    with pytest.raises(manifest.CorruptError, match="'params/dense/b' fails its CRC-32"):
+        manifest.verify({**arrays, "params/dense/b": flipped}, record)
+    with pytest.raises(manifest.CorruptError, match=r"not in the manifest: \['extra'\]"):
+        manifest.verify({**arrays, "extra": flipped}, record)
+    manifest.check_template(state, record, "here")  # matches: returns quietly
+
+
+def test_config_fingerprint():  # gdjax/rundir.py
     config = {"model": {"channels": [32, 64], "dropout": 0.1}, "seed": 0}
     reordered = {"seed": 0, "model": {"dropout": 0.1, "channels": [32, 64]}}
-    fp = config_fingerprint(config)
-    assert fp == config_fingerprint(reordered)
+    fp = rundir.fingerprint(config)
+    assert fp == rundir.fingerprint(reordered)
     assert re.fullmatch(r"[0-9a-f]{64}", fp)
     # Pinned: a fingerprint must not drift between processes or releases.
-    assert config_fingerprint({"a": 1}) == (
+    assert rundir.fingerprint({"a": 1}) == (
         "015abd7f5cc57a2dd94b7590f04ad8084273905ee33ec5cebeae62276a97f862")
-    assert fp != config_fingerprint({**config, "seed": 1})
-    assert fp != config_fingerprint({**config, "model": {"channels": [32, 64], "dropout": 0.2}})
+    assert fp != rundir.fingerprint({**config, "seed": 1})
+    assert fp != rundir.fingerprint({**config, "model": {"channels": [32, 64], "dropout": 0.2}})
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""

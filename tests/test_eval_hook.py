@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from configs import split_digits
-from gdjax import continual, data as gdata, unet
-from gdjax.config import validate_config
+from gdjax import data as gdata, unet
+from gdjax.run import build, settings_from_config
 from gdjax.eval import classifier as cls
 from gdjax.eval import hooks, metrics
 
@@ -145,10 +145,10 @@ def test_load_refuses_another_architecture_or_input(saved, wanted, message):
 
 
 def test_hook_refuses_a_classifier_of_another_architecture(saved, tmp_path):
-    config = tiny_config(str(tmp_path / "data"))
+    config = hook_config()
     config.eval.classifier = "simple_cnn"
     with pytest.raises(ValueError, match="retrain it with `python -m launch.train_classifier"):
-        hooks.ClassifierEvalHook(config, saved).classifier()
+        hooks.ClassifierEvalHook(settings_from_config(config), saved).classifier()
 
 
 def test_a_classifier_saved_without_its_architecture_is_refused(tmp_path):
@@ -168,25 +168,25 @@ def test_missing_classifier_says_how_to_make_one(tmp_path):
 
 def test_default_directories_name_the_architecture(tmp_path, monkeypatch):
     """In the user cache ($GDJAX_CACHE_DIR, else ~/.cache/gdjax), never beside the data."""
-    config = tiny_config(str(tmp_path / "data"))
+    data = settings_from_config(hook_config()).data
     monkeypatch.setenv("GDJAX_CACHE_DIR", str(tmp_path / "cache"))
-    resnet_dir = cls.default_classifier_dir(config)
+    resnet_dir = cls.default_classifier_dir(data, "resnet18")
     assert resnet_dir == os.path.join(str(tmp_path / "cache"), "classifiers", "resnet18",
                                       "digits_16px_1ch")
     monkeypatch.delenv("GDJAX_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cls.default_classifier_dir(config) == os.path.join(
+    assert cls.default_classifier_dir(data, "resnet18") == os.path.join(
         str(tmp_path / "home"), ".cache", "gdjax", "classifiers", "resnet18", "digits_16px_1ch")
-    assert cls.default_classifier_dir(config, "simple_cnn") != resnet_dir
+    assert cls.default_classifier_dir(data, "simple_cnn") != resnet_dir
     with pytest.raises(ValueError, match="unknown classifier architecture"):
-        cls.default_classifier_dir(config, "vgg")
+        cls.default_classifier_dir(data, "vgg")
 
 
 def test_config_validation_names_the_classifier_key(tmp_path):
-    config = tiny_config(str(tmp_path / "data"))
+    config = hook_config()
     config.eval.classifier = "resnet50"
     with pytest.raises(ValueError, match="eval.classifier='resnet50' is unknown"):
-        validate_config(config)
+        settings_from_config(config)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -245,10 +245,9 @@ def test_distances_rank_matching_above_one_class_samples(trained, digits):
 
 # ----------------------------------------------------------------------------- the hook
 
-def tiny_config(data_dir):
+def hook_config():
     c = split_digits.get_config()
     c.model.name = "tiny"
-    c.data.data_dir = data_dir
     c.eval.num_samples = 48
     c.eval.batch_size = 32
     c.eval.steps = 2
@@ -270,11 +269,11 @@ def simple_cnn_dir(digits, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["resnet18", "simple_cnn"])
 def test_hook_on_a_run(arch, request, tmp_path):
     path = request.getfixturevalue("saved" if arch == RESNET else "simple_cnn_dir")
-    config = tiny_config(str(tmp_path / "data"))
+    config = hook_config()
     config.eval.classifier = arch
-    run = continual.build(config, str(tmp_path / "run"))
-    gen_params = unet.init_params(run.unet_config, jax.random.key(0))
-    hook = hooks.ClassifierEvalHook(config, path)
+    run = build(config, str(tmp_path / "run"))
+    gen_params = unet.init_params(run.settings.unet, jax.random.key(0))
+    hook = hooks.ClassifierEvalHook(run.settings, path)
     rows = [hook(run, k, gen_params) for k in (0, 1)]
     expected = {"kld", "ard", "fd_classifier", "kid_classifier"} | {
         f"gen_frac_class_{c}" for c in range(10)}
@@ -291,26 +290,27 @@ def test_hook_on_a_run(arch, request, tmp_path):
 
 
 def test_default_hook_for_the_digits_trains_its_classifier_once(saved, tmp_path, monkeypatch):
-    config = tiny_config(str(tmp_path / "data"))
+    config = hook_config()
     hook = hooks.default_eval_hook(config)
-    assert hook is not None and hook.classifier_dir == cls.default_classifier_dir(config)
+    where = cls.default_classifier_dir(hook.settings.data, RESNET)
+    assert hook is not None and hook.classifier_dir == where
     calls = []
 
-    def fake_train(cfg, path, *, arch):  # stands in for the minute of training
+    def fake_train(settings, path, *, arch):  # stands in for the minute of training
         calls.append((path, arch))
         variables, meta = cls.load_classifier(saved)
         cls.save_classifier(path, variables, meta)
         return variables, meta
 
-    monkeypatch.setattr(cls, "train_for_config", fake_train)
+    monkeypatch.setattr(cls, "train_for_settings", fake_train)
     hook.classifier()
     hook.classifier()
-    assert calls == [(cls.default_classifier_dir(config), RESNET)]
+    assert calls == [(where, RESNET)]
     assert os.path.exists(os.path.join(calls[0][0], cls.META_FILE))
 
 
 def test_default_hook_without_a_classifier_warns_and_is_none(tmp_path, caplog):
-    config = tiny_config(str(tmp_path / "data"))
+    config = hook_config()
     config.data.name = "fashion_mnist"
     config.eval.train_classifier = False
     with caplog.at_level(logging.WARNING):
@@ -321,8 +321,22 @@ def test_default_hook_without_a_classifier_warns_and_is_none(tmp_path, caplog):
 
 
 def test_histogram_png(tmp_path):
+    """Drawn with matplotlib (gdjax/figures.py, as the report's): per class a grey bar of
+    the true and an orange bar of the generated frequency, axes labelled."""
+    from matplotlib.colors import to_rgba
+
+    from gdjax import figures
+    true, gen = [0.5, 0.5, 0, 0], [0.25, 0.25, 0.5, 0]
+    fig = figures.class_histogram(true, gen, title="after experience 1")
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches]
+    assert [b.get_height() for b in bars] == true + gen
+    assert {b.get_facecolor() for b in bars[:4]} == {to_rgba("0.6")}
+    assert {b.get_facecolor() for b in bars[4:]} == {to_rgba("tab:orange")}
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("class", "fraction of images")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "true (test images of the classes seen)",
+        "generated (labelled by the evaluation classifier)"]
     path = str(tmp_path / "h.png")
-    hooks.save_histogram(path, [0.5, 0.5, 0, 0], [0.25, 0.25, 0.5, 0])
-    pixels = np.asarray(Image.open(path).convert("RGB"))
-    assert (pixels == [240, 140, 20]).all(-1).any()  # some generated (orange) bar is drawn
-    assert (pixels == [150, 150, 150]).all(-1).any()
+    hooks.save_histogram(path, true, gen, title="after experience 1")
+    assert Image.open(path).size == (640, 320)

@@ -58,21 +58,21 @@ def test_a_split_fmnist_run_holds_the_classes_of_its_seeds_order(tmp_path):
     (the last of 96 rows) x 100 epochs per experience."""
     require_fashion_mnist()
     from configs import split_fmnist
-    from gdjax import continual
+    from gdjax import data as gdata
+    from gdjax.run import build
 
     orders = {42: (2, 6, 1, 8, 4, 5, 0, 9, 3, 7), 1714: (7, 3, 8, 0, 1, 4, 6, 2, 9, 5)}
     config = split_fmnist.get_config("naive")
     config.data.data_dir = str(tmp_path / "absent")
     config.seed = 42
-    run = continual.build(config, str(tmp_path / "run"))
+    run = build(config, str(tmp_path / "run"))
     assert run.train.images.shape == (60_000, 32, 32, 1)
     assert -1.0 <= run.train.images.min() < -0.99 and 0.99 < run.train.images.max() <= 1.0
+    assert run.experiences == gdata.make_experiences(orders[42], 5)
     for seed, order in orders.items():
-        run.config.seed = seed
-        run.experiences = continual.gdata.make_experiences(
-            continual.gdata.resolve_class_order(10, seed=seed), 5)
+        run.experiences = gdata.make_experiences(gdata.resolve_class_order(10, seed=seed), 5)
         for k in range(5):
-            part = continual.experience_data(run, k)
+            part = run.experience_data(k)
             assert sorted(set(part.labels.tolist())) == sorted(order[2 * k:2 * k + 2])
             assert len(part) == 12_000
-            assert continual.num_steps(run, k) == 94 * 100
+            assert run.num_steps(k) == 94 * 100

@@ -1,4 +1,4 @@
-"""gdjax/eval/inception.py and the FID part of gdjax/eval/hooks.py.
+"""gdjax/eval/inception.py and gdjax/eval/fid.py (FID with cached real features).
 
 The FID Inception-v3 against a torch implementation of the same network on random weights
 (converted from a .pth through launch/convert_inception.py) and against NVIDIA's TorchScript
@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from PIL import Image
 from torch import nn as tnn
 
 from gdjax import data as gdata
+from gdjax.eval import fid as fid_lib
 from gdjax.eval import hooks, inception, metrics
 
 # torch 2.13 marks TorchScript deprecated; NVIDIA's file is TorchScript all the same.
@@ -419,14 +419,14 @@ def test_bad_weight_files_are_named(tmp_path, torch_model):
 
 def test_wrong_saved_params_are_named(tmp_path):
     wrong = {"Conv2d_1a_3x3": {"conv": {"kernel": np.zeros((3, 3, 1, 32), np.float32)}}}
-    with pytest.raises(ValueError, match="Conv2d_1a_3x3/conv/kernel: expected shape"):
+    with pytest.raises(ValueError, match="key 'Conv2d_1a_3x3/conv/kernel': expected shape"):
         inception.save_inception(str(tmp_path), wrong)
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / inception.PARAMS_DIR, wrong)
     (tmp_path / inception.META_FILE).write_text(json.dumps({"format": inception.FORMAT}))
     with pytest.raises(ValueError, match=r"params does not hold InceptionV3 params: "
-                                         r"Conv2d_1a_3x3/conv/kernel: expected shape "
+                                         r"key 'Conv2d_1a_3x3/conv/kernel': expected shape "
                                          r"\(3, 3, 3, 32\), found \(3, 3, 1, 32\)"):
         inception.load_inception(str(tmp_path))
     (tmp_path / inception.META_FILE).write_text(json.dumps({"format": "something else"}))
@@ -451,15 +451,25 @@ def test_bad_images_are_refused_before_any_work(images, problem):
 
 # ----------------------------------------------------------------------------- in the hook
 
-def test_default_hook_loads_the_weights_and_goes_on_without_them(converted, tmp_path, caplog):
-    from configs import split_fmnist
-    config = split_fmnist.get_config()
-    config.data.data_dir = str(tmp_path / "no_data")  # no evaluation classifier there
+def test_default_hook_loads_the_weights_and_goes_on_without_them(converted, tmp_path, caplog,
+                                                                  monkeypatch):
+    from configs import split_digits
+    monkeypatch.setenv("GDJAX_CACHE_DIR", str(tmp_path / "cache"))  # no classifier there
+    config = split_digits.get_config()
+    config.eval.fid, config.eval.train_classifier = True, False
     config.eval.inception_dir = str(converted[0])
     hook = hooks.default_eval_hook(config)
     assert hook is not None and hook.classifier_dir is None and hook.fid is not None
-    assert hook.fid.dataset == "fashion_mnist"
+    assert hook.fid.dataset == "digits"
     assert hook.fid.weights == "sha256:" + inception.load_record(str(converted[0]))["sha256"]
+    # A cached features file of other images is refused here, before any training.
+    real = gdata.load_uint8_split("digits", image_size=16, channels=1)
+    path = fid_lib.features_file(hook.fid.cache_dir, "digits", real.images)
+    meta = fid_lib.features_meta("digits", real.images, real.labels, weights=hook.fid.weights)
+    fid_lib.save_features(path, np.zeros((len(real.labels), 2048), np.float32), real.labels,
+                        dict(meta, images_sha1="0" * 40))
+    with pytest.raises(ValueError, match=f"{path} holds the Inception features of other"):
+        hooks.default_eval_hook(config)
     config.eval.inception_dir = str(tmp_path / "no_weights")
     with caplog.at_level(logging.WARNING):
         assert hooks.default_eval_hook(config) is None  # neither classifier nor weights
@@ -482,11 +492,11 @@ def counted_network(monkeypatch):
     """Replaces both feature functions by `fake_features`; returns the list of their calls."""
     calls = []
 
-    def real(params, images, *, batch_size, progress=None):
+    def real(params, images, *, batch_size, progress=None, sharding=None):
         calls.append(("uint8", len(images)))
         return fake_features(images)
 
-    def fake(params, images, *, batch_size, progress=None):
+    def fake(params, images, *, batch_size, progress=None, sharding=None):
         calls.append(("[0, 1]", len(images)))
         return fake_features(inception.to_uint8(images))
 
@@ -504,7 +514,7 @@ def toy_test_set(size: int = 4):
 
 def test_real_features_are_computed_once_per_data_set_and_cached(counted_network, tmp_path):
     real, labels, samples = toy_test_set()
-    fid = hooks.InceptionFID(None, dataset="toy", weights="sha256:w", cache_dir=str(tmp_path))
+    fid = fid_lib.InceptionFID(None, dataset="toy", weights="sha256:w", cache_dir=str(tmp_path))
     got = fid(real, labels, [2, 0], samples, seed=3)
     assert counted_network == [("uint8", 40), ("[0, 1]", 30)]  # every test image, once
     # Against a direct computation: the seen classes' real images through the authors'
@@ -514,8 +524,8 @@ def test_real_features_are_computed_once_per_data_set_and_cached(counted_network
     np.testing.assert_array_equal(fid.real_features(real, labels, (0, 2)), want_real)
     assert got["fid"] == pytest.approx(metrics.frechet_distance(
         *metrics.feature_statistics(want_real), *metrics.feature_statistics(want_fake)), rel=1e-6)
-    assert got["kid"] == pytest.approx(metrics.kid(want_real, want_fake, subsets=hooks.KID_SUBSETS,
-                                                   subset_size=hooks.KID_SUBSET_SIZE,
+    assert got["kid"] == pytest.approx(metrics.kid(want_real, want_fake, subsets=fid_lib.KID_SUBSETS,
+                                                   subset_size=fid_lib.KID_SUBSET_SIZE,
                                                    seed=3)[0], rel=1e-6)
     # Another class set of the same run: picked from memory, no work on real images.
     fid(real, labels, [1], samples, seed=3)
@@ -525,19 +535,19 @@ def test_real_features_are_computed_once_per_data_set_and_cached(counted_network
     with np.load(tmp_path / "toy_4px_1ch.npz") as z:
         meta = json.loads(str(z["meta"]))
         np.testing.assert_array_equal(z["labels"], labels)
-    assert meta == {"format": hooks.FEATURES_FORMAT, "version": hooks.FEATURES_VERSION,
+    assert meta == {"format": fid_lib.FEATURES_FORMAT, "version": fid_lib.FEATURES_VERSION,
                     "dataset": "toy", "image_size": [4, 4], "channels": 1, "num_images": 40,
-                    "images_sha1": hooks.real_images_sha1(real, labels),
+                    "images_sha1": fid_lib.real_images_sha1(real, labels),
                     "inception_weights": "sha256:w", "preprocessing": "reference_real_uint8"}
     # A new run reads the file: the network never sees the real images again.
-    again = hooks.InceptionFID(None, dataset="toy", weights="sha256:w", cache_dir=str(tmp_path))
+    again = fid_lib.InceptionFID(None, dataset="toy", weights="sha256:w", cache_dir=str(tmp_path))
     assert again(real, labels, [0, 2], samples, seed=3) == got
     assert counted_network.count(("uint8", 40)) == 1
 
 
 def test_a_cache_file_that_does_not_match_is_refused_before_any_work(counted_network, tmp_path):
     real, labels, samples = toy_test_set()
-    hooks.InceptionFID(None, dataset="toy", weights="sha256:w",
+    fid_lib.InceptionFID(None, dataset="toy", weights="sha256:w",
                        cache_dir=str(tmp_path))(real, labels, [0, 1], samples)
     made = tmp_path / "toy_4px_1ch.npz"
     calls = list(counted_network)
@@ -545,7 +555,7 @@ def test_a_cache_file_that_does_not_match_is_refused_before_any_work(counted_net
     def refused(path, match, *, dataset="toy", images=real, weights="sha256:w"):
         if path != made:
             shutil.copy(made, path)  # another file where this run's file would be
-        fid = hooks.InceptionFID(None, dataset=dataset, weights=weights, cache_dir=str(tmp_path))
+        fid = fid_lib.InceptionFID(None, dataset=dataset, weights=weights, cache_dir=str(tmp_path))
         with pytest.raises(ValueError, match=match) as err:
             fid(images, labels, [0, 1], samples)
         assert str(path) in str(err.value) and f"Delete it (rm {path})" in str(err.value)
@@ -570,10 +580,10 @@ def test_a_runs_fid_images_are_the_test_set_resized_by_pil(tmp_path):
     (torchvision's Resize on the reference's PIL images), not gdjax's float resize."""
     from PIL import Image
 
-    from gdjax import continual
-    from tests.test_continual import tiny_config
+    from gdjax.run import build
+    from tests.helpers import tiny_config
 
-    run = continual.build(tiny_config("naive"), str(tmp_path))
+    run = build(tiny_config("naive"), str(tmp_path))
     raw, labels = gdata.read_digits("test")
     want = np.stack([np.asarray(Image.fromarray(x[..., 0]).resize((16, 16), Image.BILINEAR))
                      for x in raw])[..., None]

@@ -21,14 +21,17 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from gdjax import continual, strategies
+from gdjax import continual, rundir, strategies
 from gdjax.checkpoint import CheckpointWarning, CheckpointWriteError
 from gdjax.convert import restore_params
 from gdjax.logs import read_metrics
+from gdjax import run as run_lib
+from gdjax.run import Run, build, settings_from_config
+from gdjax.state import initial_state
 from gdjax.schedule import make_schedule
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
-from tests.test_continual import leaves, tiny_config
+from tests.helpers import leaves, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Orbax's asyncio loop may be closed under its last task; Python reports that as an
@@ -60,8 +63,8 @@ def reference(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- kills
 
-def _digits_command(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "launch.train",
+def _digits_command(workdir, data_dir, *extra, module="launch.train"):
+    return [sys.executable, "-m", module,
             "--config=configs/split_digits.py:generative_distillation",
             "--config.model.name=tiny", "--config.data.n_experiences=2",
             "--config.train.steps_per_experience=6", "--config.train.batch_size=8",
@@ -75,9 +78,9 @@ def _digits_command(workdir, data_dir, *extra):
 
 
 def _run_until_paused(command, env, log, point, marker, timeout=120.0):
-    """Starts the run with the test pause at `point` (gdjax.checkpoint.pause_point) and
-    SIGKILLs it once it stands there; False if it ended first."""
-    env = dict(env, GDJAX_TEST_PAUSE_AT=point, GDJAX_TEST_PAUSE_FILE=marker)
+    """Starts the run held at `point` (tests/pausing_train.py) and SIGKILLs it once it
+    stands there; False if it ended first."""
+    env = dict(env, TEST_PAUSE_AT=point, TEST_PAUSE_FILE=marker)
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     log.write(f"[test] started at {time.monotonic():.1f}, to pause at {point}\n".encode())
@@ -128,7 +131,7 @@ def _in_checkpoint_4(workdir):  # orbax wrote checkpoint 4 into its tmp dir, not
 def _in_evaluation_0(workdir):  # grid written, metrics not yet, boundary checkpoint not yet
     assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6] and _checkpoints(workdir) == ([2, 4], [])
     assert os.path.exists(os.path.join(workdir, "samples", "experience_0.png"))
-    assert os.path.exists(os.path.join(continual.experience_params_dir(workdir, 0),
+    assert os.path.exists(os.path.join(rundir.experience_params_dir(workdir, 0),
                                        "unet_config.json"))
     assert read_metrics(workdir, "experience") == []
 
@@ -154,12 +157,13 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     from gdjax.eval import classifier
     config = split_digits.get_config()
     config.data.data_dir, config.eval.classifier = data_dir, "simple_cnn"
-    classifier.train_for_config(config, epochs=1)
+    classifier.train_for_settings(settings_from_config(config), epochs=1)
     subprocess.run(_digits_command(whole, data_dir, "--overwrite"), cwd=ROOT, env=env,
                    stdout=log, stderr=subprocess.STDOUT, check=True, timeout=180)
 
-    # Each run stops at a named point (a test-only hook) and is killed there; what it left
-    # on disk shows where it was. In the order the run reaches them, each run resuming
+    # Each run stops at a named point (tests/pausing_train.py: launch.train with the
+    # library's callbacks and Orbax's commit wrapped) and is killed there; what it left on
+    # disk shows where it was. In the order the run reaches them, each run resuming
     # from what the one before left:
     moments = [
         ("train_step/0/1", _at_step_2),  # inside step 2, before the first checkpoint
@@ -169,8 +173,9 @@ def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     ]  # then experience 1 resumes from the boundary checkpoint, with its restored teacher
     marker = str(tmp_path / "paused")
     for point, where in moments:
-        killed_there = _run_until_paused(_digits_command(killed, data_dir), env, log, point,
-                                         marker)
+        killed_there = _run_until_paused(
+            _digits_command(killed, data_dir, module="tests.pausing_train"), env, log, point,
+            marker)
         assert killed_there, (point, open(tmp_path / "log.txt").read()[-3000:])
         where(killed)
     log.write(f"[test] final run at {time.monotonic():.1f}\n".encode())
@@ -307,7 +312,7 @@ def test_disk_full_while_writing_outputs_stops_clearly_and_the_rerun_ends_equal(
     # next run resumes from the checkpoint it names.
     with monkeypatch.context() as patch:
         _disk_fills_in(patch, grid, lambda data: True)
-        with pytest.raises(continual.DiskFullError,
+        with pytest.raises(rundir.DiskFullError,
                            match=r"could not write the sample grid of experience 0 to "
                                  r".*experience_0.png: the disk is full \(OSError: \[Errno 28\] "
                                  r"No space left on device\); " + resume.format(3)):
@@ -323,17 +328,17 @@ def test_disk_full_while_writing_outputs_stops_clearly_and_the_rerun_ends_equal(
 
     with monkeypatch.context() as patch:
         patch.setattr(ocp.handlers.StandardCheckpointHandler, "async_save", full_for_params)
-        with pytest.raises(continual.DiskFullError,
+        with pytest.raises(rundir.DiskFullError,
                            match=r"could not write the params of experience 0 to .*"
                                  r"experience_0: the disk is full .*" + resume.format(3)):
             continual.train(tiny_config(), workdir)
     # No params without their unet_config.json: restore_params refuses the half write.
-    assert not os.path.exists(os.path.join(continual.experience_params_dir(workdir, 0),
+    assert not os.path.exists(os.path.join(rundir.experience_params_dir(workdir, 0),
                                            "unet_config.json"))
 
     with monkeypatch.context() as patch:
         _disk_fills_in(patch, logs, lambda data: data.startswith('{"step": 6,'))
-        with pytest.raises(continual.DiskFullError,
+        with pytest.raises(rundir.DiskFullError,
                            match=r"could not write the 'train' metric row of step 6 to "
                                  r".*train.jsonl: the disk is full .*" + resume.format(4)):
             continual.train(tiny_config(), workdir)
@@ -349,8 +354,8 @@ def test_disk_full_while_writing_outputs_stops_clearly_and_the_rerun_ends_equal(
             np.asarray(Image.open(os.path.join(workdir, "samples", f"experience_{k}.png"))),
             np.asarray(Image.open(os.path.join(reference.workdir, "samples",
                                                f"experience_{k}.png"))))
-        for a, b in zip(leaves(restore_params(continual.experience_params_dir(workdir, k))[1]),
-                        leaves(restore_params(continual.experience_params_dir(
+        for a, b in zip(leaves(restore_params(rundir.experience_params_dir(workdir, k))[1]),
+                        leaves(restore_params(rundir.experience_params_dir(
                             reference.workdir, k))[1])):
             np.testing.assert_array_equal(a, b)
 
@@ -453,9 +458,9 @@ def test_nan_after_a_checkpoint_keeps_it_and_the_rerun_resumes_from_it(tmp_path,
 def _kill_after_checkpoint(monkeypatch, step):
     real_save = continual.save
 
-    def dying_save(tr, **kwargs):
-        real_save(tr, **kwargs)
-        if int(tr.state.step) == step:
+    def dying_save(loop, ls, **kwargs):
+        real_save(loop, ls, **kwargs)
+        if int(ls.train.step) == step:
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(continual, "save", dying_save)
@@ -469,12 +474,14 @@ def test_nan_skip_drops_only_the_bad_update_and_a_resumed_run_still_counts_it(
     _poison_batch(monkeypatch, at_step=2)
     whole = continual.train(config, whole_dir)
     rows = read_metrics(whole_dir, "train")
-    assert [r["skipped"] for r in rows] == [0, 1, 0, 0]  # steps 1-2, 3-4 (NaN at 3), ...
+    # Rows count the dropped updates so far (the train state's counter): none by step 2,
+    # the NaN of step 3 from the row of step 4 on.
+    assert [r["skipped"] for r in rows] == [0, 1, 1, 1]
     assert np.isfinite(rows[1]["loss"]) and rows[1]["step"] == 4
     assert all(np.isfinite(x).all() for x in leaves(whole.params))
     assert int(whole.step) == 8
     # Killed right after the checkpoint of step 3, which holds the skip its row has not
-    # counted yet: the resumed run's row of step 4 must count it all the same.
+    # shown yet: the resumed run's row of step 4 must count it all the same.
     with monkeypatch.context() as patch:
         _kill_after_checkpoint(patch, 3)
         with pytest.raises(KeyboardInterrupt):
@@ -488,14 +495,14 @@ def test_nan_skip_drops_only_the_bad_update_and_a_resumed_run_still_counts_it(
 
 
 def test_skipped_update_leaves_params_and_optimizer_state_bitwise_unchanged(tmp_path):
-    run = continual.build(tiny_config(on_nan="skip"), str(tmp_path))
-    state, teacher = continual.initial_state(run)
-    step = continual.Trainer(run, None, None, None, None, None).step_fn(False)
+    run = build(tiny_config(on_nan="skip"), str(tmp_path))
+    ls = initial_state(run)
+    state, teacher = ls.train, ls.teacher
+    step = run.step(False)
     image = np.full((8, 16, 16, 1), np.nan, np.float32)
     before = leaves((state.params, state.opt_state))  # host copies: the state is donated
-    new, metrics = step(state, teacher, {"image": jax.device_put(image, run.sharding)},
-                        jax.random.key(0))
-    assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    new, metrics = step(state, teacher, {"image": jax.device_put(image, run.sharding)}, ls.key)
+    assert int(new.skipped) == 1 and not np.isfinite(float(metrics["loss"]))
     for a, b in zip(before, leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(a, b)
     assert int(new.step) == 1
@@ -540,8 +547,8 @@ def test_inf_loss_or_gradient_norm_is_skipped_or_stops_naming_experience_and_ste
                                   jnp.float32)}
     fresh = lambda: init_state(jax.tree.map(jnp.copy, params), make_optimizer(OptimConfig()))
     key = jax.random.key(0)
-    _, clean = _toy_step(_toy_apply, "skip")(fresh(), None, batch, key)
-    assert int(clean["skipped"]) == 0 and np.isfinite(float(clean["grad_norm"]))
+    counted, clean = _toy_step(_toy_apply, "skip")(fresh(), None, batch, key)
+    assert int(counted.skipped) == 0 and np.isfinite(float(clean["grad_norm"]))
     state = fresh()
     before = leaves((state.params, state.opt_state))  # host copies: the state is donated
     new, metrics = _toy_step(POISONS[poison], "skip")(state, None, batch, key)
@@ -550,12 +557,12 @@ def test_inf_loss_or_gradient_norm_is_skipped_or_stops_naming_experience_and_ste
         assert values["loss"] == np.inf and np.isfinite(values["grad_norm"])
     else:
         assert values["loss"] == float(clean["loss"]) and values["grad_norm"] == np.inf
-    assert values["skipped"] == 1 and int(new.step) == 1
+    assert int(new.skipped) == 1 and int(new.step) == 1
     for a, b in zip(before, leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(a, b)
     # on_nan="stop": the step applies the update; the loop's check stops the run.
-    _, metrics = _toy_step(POISONS[poison], "stop")(fresh(), None, batch, key)
-    assert "skipped" not in metrics
+    applied, metrics = _toy_step(POISONS[poison], "stop")(fresh(), None, batch, key)
+    assert int(applied.skipped) == 0
     bad = "data_loss, loss" if poison == "inf loss" else "grad_norm"
     with pytest.raises(continual.NonFiniteLossError,
                        match=rf"non-finite {bad} at experience 1, step 5 \(global step 10; it "
@@ -568,10 +575,10 @@ def test_inf_loss_or_gradient_norm_is_skipped_or_stops_naming_experience_and_ste
 def test_inf_gradient_norm_under_a_finite_loss_stops_and_keeps_the_good_checkpoint(
         tmp_path, monkeypatch):
     # The step's metrics as a +inf gradient leaves them (the test above): loss finite.
-    real_step_fn = continual.Trainer.step_fn
+    real_step_fn = Run.step
 
-    def step_fn(self, with_replay):
-        real = real_step_fn(self, with_replay)
+    def step_fn(run, with_replay):
+        real = real_step_fn(run, with_replay)
 
         def step(state, teacher, batch, rng):
             at = int(state.step)
@@ -580,7 +587,7 @@ def test_inf_gradient_norm_under_a_finite_loss_stops_and_keeps_the_good_checkpoi
 
         return step
 
-    monkeypatch.setattr(continual.Trainer, "step_fn", step_fn)
+    monkeypatch.setattr(Run, "step", step_fn)
     workdir = str(tmp_path / "run")
     with pytest.raises(continual.NonFiniteLossError,
                        match=r"non-finite grad_norm at experience 0, step 3 \(global step 4; "
@@ -591,16 +598,16 @@ def test_inf_gradient_norm_under_a_finite_loss_stops_and_keeps_the_good_checkpoi
 
 
 def test_on_nan_is_validated():
-    from gdjax.config import validate_config
     with pytest.raises(ValueError, match="train.on_nan='ignore' is unknown"):
-        validate_config(tiny_config(on_nan="ignore"))
+        settings_from_config(tiny_config(on_nan="ignore"))
 
 
 # ----------------------------------------------------------------------------- determinism
 
 @_ignore_closed_loop
 def test_same_seed_same_run_and_one_compilation_per_step_function(
-        tmp_path, monkeypatch, reference):
+        tmp_path, monkeypatch, reference, compilations):
+    run_lib._compiled_step.cache_clear()  # steps of their own, compiled in this test
     workdir = str(tmp_path / "again")
     assert_same_run(workdir, reference, continual.train(tiny_config(), workdir))
     workdir = str(tmp_path / "resumed")
@@ -610,7 +617,5 @@ def test_same_seed_same_run_and_one_compilation_per_step_function(
             continual.train(tiny_config(), workdir)
     assert_same_run(workdir, reference, continual.train(tiny_config(), workdir))
     # Every run of this config in this process, fresh or resumed, used the same two
-    # compiled steps, each traced once.
-    run = continual.build(tiny_config(), workdir)
-    trainer = continual.Trainer(run, None, None, None, None, None)
-    assert [trainer.step_fn(replay)._cache_size() for replay in (False, True)] == [1, 1]
+    # compiled steps (plain, and generative distillation's), each compiled once.
+    assert compilations["train_step"] == 2

@@ -254,7 +254,7 @@ def test_class_histogram_figure_bars_are_the_true_and_generated_fractions(tmp_pa
     ax, = fig.axes
     assert ax.get_title() == "naive (fine-tuning): experience 1, n=2"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "true", "generated (mean ± standard error)"]
+        "true (test images of the classes seen)", "generated (mean ± standard error)"]
     true_bars, gen_bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     np.testing.assert_allclose([b.get_height() for b in true_bars], [0] * 6 + [0.25] * 4,
                                rtol=0, atol=1e-15)
@@ -494,14 +494,16 @@ def test_runs_of_different_data_sets_are_refused(tmp_path):
 
 def test_not_a_run_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty has no config.json: it is not a gdjax"):
+    with pytest.raises(FileNotFoundError, match=r"empty has no config.json: not a gdjax run "
+                                                r"directory.*Remove .*empty from --runs"):
         report.write_report([str(tmp_path / "empty")], str(tmp_path / "out"))
     started = write_run(tmp_path / "started", rows=[])
     with pytest.raises(ValueError, match=r"started has no evaluated experience.*not a finished"):
         report.write_report([started], str(tmp_path / "out"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
-    with pytest.raises(ValueError, match=r"other.config.json has no data.name"):
+    with pytest.raises(ValueError, match=r"other.config.json is not a gdjax run config: it has "
+                                         r"no data, model.*Remove .*other from --runs"):
         report.load_run(str(tmp_path / "other"))
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
@@ -528,7 +530,7 @@ def test_same_seed_twice_is_refused(tmp_path):
 def test_tiny_digits_run_then_report_from_the_command_line(tmp_path):
     """A real 2-experience run (fake, instant eval hook) reported by `python -m launch.report`."""
     from gdjax import continual
-    from tests.test_continual import tiny_config
+    from tests.helpers import tiny_config
 
     def hook(run, k, params):
         del params

@@ -10,7 +10,7 @@ import pytest
 from configs import base
 from gdjax import continual, sweep
 from gdjax.logs import read_metrics
-from tests.test_continual import tiny_config
+from tests.helpers import tiny_config
 
 
 def make_runs(config, variants, seeds):

@@ -18,6 +18,7 @@ from flax import traverse_util
 from torch import nn
 
 from configs import split_digits
+from gdjax.run import settings_from_config
 from gdjax.eval import augment as aug
 from gdjax.eval import classifier as cls
 from gdjax.eval import resnet
@@ -148,7 +149,8 @@ def test_classify_after_save_and_load_matches_torch(torch_model, tmp_path):
     torch.save(torch_model.state_dict(), pth)
     config = split_digits.get_config()
     out = str(tmp_path / "converted")
-    _, meta = cls.convert_torch_for_config(config, pth, out, evaluate=False)
+    _, meta = cls.convert_torch_for_settings(settings_from_config(config), pth, out,
+                                             evaluate=False)
     assert meta["architecture"] == "resnet18" and meta["num_classes"] == 10
     variables, _ = cls.load_classifier(out, architecture="resnet18", image_size=16, channels=1)
     x = images(5, 9, 16, channels=1)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from gdjax import continual, ddim, unet
+from gdjax.run import build, model_apply_fn, settings_from_config
 from gdjax.eval import classifier as cls
 from gdjax.eval import solver
 from gdjax.logs import read_metrics
 from gdjax.schedule import make_schedule
-from tests.test_continual import leaves, tiny_config
+from tests.helpers import leaves, tiny_config
 
 
 def softmax64(z):
@@ -22,8 +23,11 @@ def softmax64(z):
     return e / e.sum(-1, keepdims=True)
 
 
-def replay_loss64(student, teacher, T):
-    """REFERENCE §6 in float64: T^2 * mean(-sum softmax(student/T) * log_softmax(teacher/T))."""
+def replay_loss64(student, teacher, T, direction="reference"):
+    """In float64. "reference" (REFERENCE §6, the authors' direction):
+    T^2 * mean(-sum softmax(student/T) * log_softmax(teacher/T)); "forward" swaps them."""
+    if direction == "forward":
+        student, teacher = teacher, student
     return T**2 * np.mean(-np.sum(softmax64(student / T) * np.log(softmax64(teacher / T)), -1))
 
 
@@ -33,8 +37,14 @@ def test_replay_loss_is_the_references_formula_and_direction():
     got = solver.replay_loss(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
                              2.0)
     assert float(got) == pytest.approx(replay_loss64(student, teacher, 2.0), rel=1e-5)
-    # The baseline's direction: swapping the arguments gives another number.
+    # The baseline's direction: swapping the arguments gives another number, the forward
+    # (knowledge distillation's) loss.
     assert abs(replay_loss64(teacher, student, 2.0) - float(got)) > 0.1
+    forward = solver.replay_loss(jnp.asarray(student, jnp.float32),
+                                 jnp.asarray(teacher, jnp.float32), 2.0, direction="forward")
+    assert float(forward) == pytest.approx(replay_loss64(teacher, student, 2.0), rel=1e-5)
+    with pytest.raises(ValueError, match="solver.replay_loss='backward' is unknown"):
+        solver.SolverConfig(replay_loss="backward")
     # Hand-checked: two classes, equal teacher logits -> log_softmax = log(1/2) for both,
     # so the loss is T^2 * log 2 whatever the student predicts.
     same = solver.replay_loss(jnp.array([[5.0, -1.0]]), jnp.array([[0.3, 0.3]]), 2.0)
@@ -57,17 +67,18 @@ def test_solver_loss_weights_real_and_replay_rows(k):
 @pytest.fixture(scope="module")
 def generator():
     config = unet.get_unet_config("tiny")
-    return continual.model_apply_fn(config), unet.init_params(config, jax.random.key(3))
+    return model_apply_fn(config), unet.init_params(config, jax.random.key(3))
 
 
-@pytest.mark.parametrize("real", [4, 2])
-def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(generator, real):
+@pytest.mark.parametrize("real, direction", [(4, "forward"), (2, "forward"), (4, "reference")])
+def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(generator, real,
+                                                                           direction):
     """The loss the compiled step minimises equals the formula on replay images and teacher
     labels recomputed outside it; the frozen inputs come out bitwise unchanged. With 2 real
     rows of 4 (an epoch's padded last batch) the means run over those 2 and over the first
     ceil(3 * 2 / 4) = 2 of the 3 replay rows."""
     gen_apply, gen_params = generator
-    cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2)
+    cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2, replay_loss=direction)
     schedule = make_schedule()
     state = solver.init_state(cfg, jax.random.key(0), (16, 16, 1))
     teacher = cls.init_classifier(jax.random.key(1), (16, 16, 1), 10)  # another network
@@ -87,12 +98,13 @@ def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(gen
                          train=True, rngs={"dropout": k_drop})
     teacher_logits = model.apply({"params": teacher}, replay)
     ce = np.mean(-np.log(softmax64(logits[:4])[np.arange(4), labels]))
-    want = ce / 3 + (2 / 3) * replay_loss64(logits[4:], teacher_logits, 2.0)
+    want = ce / 3 + (2 / 3) * replay_loss64(logits[4:], teacher_logits, 2.0, direction)
 
     if real < 4:
         kept = -(-3 * real // 4)
         ce = np.mean(-np.log(softmax64(logits[:real])[np.arange(real), labels[:real]]))
-        want = ce / 3 + (2 / 3) * replay_loss64(logits[4:4 + kept], teacher_logits[:kept], 2.0)
+        want = ce / 3 + (2 / 3) * replay_loss64(logits[4:4 + kept], teacher_logits[:kept], 2.0,
+                                                direction)
         images[real:] = 7.0  # padding rows: whatever they hold counts for nothing
     mask = (np.arange(4) < real).astype(np.float32)
     step = solver.make_step(cfg, gen_apply, True)
@@ -122,10 +134,11 @@ def test_bad_solver_settings_are_named(tmp_path):
     ("full_generation_distillation", "generative_replay"), ("naive", "naive"),
     ("cumulative", "cumulative")])
 def test_auto_solver_follows_the_generator(strategy, solver_strategy):
-    assert continual.solver_config(tiny_config(strategy, solver=True), 10).strategy == solver_strategy
+    assert settings_from_config(tiny_config(strategy, solver=True)).solver.strategy == \
+        solver_strategy
     c = tiny_config(strategy, solver=True)
     c.solver.enabled = False
-    assert continual.solver_config(c, 10) is None
+    assert settings_from_config(c).solver is None
 
 
 def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path, monkeypatch):
@@ -135,18 +148,18 @@ def test_loop_trains_the_solver_first_and_logs_accuracy_and_forgetting(tmp_path,
     order = []
     real_train_solver, real_train_experience = continual.train_solver, continual.train_experience
 
-    def train_solver(tr, k):
-        order.append(("solver", k, tr.run.strategy.name))
+    def train_solver(loop, ls, k):
+        order.append(("solver", k, loop.run.settings.strategy.name))
         # Its replay generator is the frozen teacher: the params the generator ended k-1 with.
         if k > 0:
-            for a, b in zip(leaves(tr.teacher), leaves(tr.state.params)):
+            for a, b in zip(leaves(ls.teacher), leaves(ls.train.params)):
                 np.testing.assert_array_equal(a, b)
-        return real_train_solver(tr, k)
+        return real_train_solver(loop, ls, k)
 
     monkeypatch.setattr(continual, "train_solver", train_solver)
     monkeypatch.setattr(continual, "train_experience",
-                        lambda tr, k, *rest: (order.append(("generator", k)),
-                                              real_train_experience(tr, k, *rest)))
+                        lambda loop, ls, k, start: (order.append(("generator", k)),
+                                                    real_train_experience(loop, ls, k, start))[1])
     workdir = str(tmp_path / "run")
     continual.train(tiny_config(solver=True), workdir)
     assert [o[:2] for o in order] == [("solver", 0), ("generator", 0), ("solver", 1),
@@ -170,7 +183,7 @@ class FakeSteps:
     def __init__(self, losses=()):
         self.made, self.calls, self.losses = [], [], list(losses)
 
-    def __call__(self, cfg, gen_apply, with_replay):
+    def __call__(self, cfg, gen_apply, with_replay, mesh=None):
         self.made.append((gen_apply, with_replay))
 
         def step(state, gen_params, schedule, images, labels, mask, experience, rng):
@@ -190,25 +203,27 @@ def _pairs(images, labels):
 
 @pytest.mark.parametrize("strategy", ["naive", "cumulative", "full_generation_distillation"])
 def test_solver_data_and_replay_follow_its_strategy(strategy, tmp_path, monkeypatch):
-    """Through continual.train_solver, experience by experience: the naive and the
+    """Through solver.learn_experience, experience by experience: the naive and the
     generative-replay solver see experience k's training rows only, the cumulative one those
     of experiences 0..k, each row exactly once per epoch (the last batch partial, padded and
     masked); only generative replay, from k = 1, gets the replay step and the frozen
     previous generator."""
-    run = continual.build(tiny_config(strategy, solver=True), str(tmp_path))
+    run = build(tiny_config(strategy, solver=True), str(tmp_path))
     fake = FakeSteps()
     monkeypatch.setattr(solver, "make_step", fake)
     previous_generator, params = {"w": jnp.arange(3.0)}, {"w": jnp.ones(2)}
     # A stand-in solver state: the real network's init would compile for seconds.
-    tr = continual.Trainer(run, None, None, None, previous_generator, None,
-                           solver.SolverState(params, None, None))
+    state = solver.SolverState(params, None, None)
+    cfg = run.settings.solver
     for k in range(len(run.experiences)):
         classes = (np.concatenate(run.experiences[:k + 1]) if strategy == "cumulative"
                    else np.asarray(run.experiences[k]))
         mask = np.isin(run.train.labels, classes)
         allowed = _pairs(run.train.images[mask], run.train.labels[mask])
         fake.calls.clear()
-        continual.train_solver(tr, k)
+        solver.learn_experience(cfg, state, train=run.train, experiences=run.experiences,
+                                experience=k, seed=0, gen_apply=run.apply_fn,
+                                gen_params=previous_generator, schedule=run.schedule)
         replay = strategy == "full_generation_distillation" and k > 0
         assert fake.made[-1] == ((run.apply_fn, True) if replay else (None, False))
         assert all(c["experience"] == k for c in fake.calls)
@@ -217,7 +232,7 @@ def test_solver_data_and_replay_follow_its_strategy(strategy, tmp_path, monkeypa
         given = sum((_pairs(c["images"][c["mask"] > 0], c["labels"][c["mask"] > 0])
                      for c in fake.calls), collections.Counter())
         assert given == allowed  # every row once: none from elsewhere, none twice, none left
-        n, b = int(mask.sum()), run.solver.batch_size
+        n, b = int(mask.sum()), cfg.batch_size
         np.testing.assert_array_equal([c["mask"].sum() for c in fake.calls],
                                       [b] * (n // b) + ([n % b] if n % b else []))
         # The previous solver is frozen first: the teacher that labels replay is a copy.

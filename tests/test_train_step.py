@@ -71,13 +71,14 @@ def test_replay_weights_sum_to_one():
 
 
 @pytest.mark.parametrize("name", [strategies.FULL_GENERATION])
-def test_steps_compile_once_and_keep_the_teacher_frozen(name, setup):
+def test_steps_compile_once_and_keep_the_teacher_frozen(name, setup, compilations):
     # Every strategy, through the experience loop: test_continual.py's end-to-end test.
     student, teacher, batch = setup
     teacher_before = jax.tree.map(np.asarray, teacher)
+    compiled_step.cache_clear()  # a step of its own, compiled in this test
     step, state, metrics = run_steps(name, student, teacher, batch, n=3)
     run_steps(name, student, teacher, batch, n=1, experience=4)  # another experience: no retrace
-    assert step._cache_size() == 1
+    assert compilations["train_step"] == 1
     assert int(state.step) == 3
     jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.tree.map(np.asarray, teacher))
     for m in metrics:
@@ -229,14 +230,22 @@ def test_er_is_one_criterion_over_all_rows(setup):
     assert m[0]["loss"] == pytest.approx(0.5 * (m[0]["data_loss"] + m[0]["replay_loss"]), rel=1e-5)
 
 
-def test_bad_strategy_and_criterion():
-    opt = make_optimizer(OptimConfig())
+def test_bad_settings_are_named_where_they_are_made(setup):
+    """Each settings dataclass checks itself when it is built (gdjax/run.py builds them from
+    the config); a criterion name reaching the step anyway fails as it is traced."""
     with pytest.raises(ValueError, match="strategy.name='distill'"):
-        make_train_step(apply_fn=apply_fn, schedule=SCHEDULE, strategy=StrategyConfig("distill"),
-                        optimizer=opt)
-    with pytest.raises(ValueError, match="criterion"):
-        make_train_step(apply_fn=apply_fn, schedule=SCHEDULE, strategy=StrategyConfig(),
-                        optimizer=opt, criterion="l3")
+        StrategyConfig("distill")
+    with pytest.raises(ValueError, match="strategy.teacher_steps=0 must be an integer >= 1"):
+        StrategyConfig(teacher_steps=0)
+    with pytest.raises(ValueError, match="train.learning_rate=0 must be > 0"):
+        OptimConfig(learning_rate=0)
+    with pytest.raises(ValueError, match=r"train.grad_clip=nan must be a finite number"):
+        OptimConfig(grad_clip=float("nan"))
+    student, teacher, batch = setup
+    step = make_train_step(apply_fn=apply_fn, schedule=SCHEDULE, strategy=StrategyConfig(),
+                           optimizer=OPT, criterion="l3", with_replay=False)
+    with pytest.raises(ValueError, match="train.criterion='l3' is unknown"):
+        step(init_state(copy(student), OPT), teacher, batch, jax.random.key(0))
 
 
 MULTI_DEVICE = textwrap.dedent("""

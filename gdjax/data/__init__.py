@@ -17,6 +17,7 @@ from gdjax.data.pipeline import (
     epoch_permutation,
     flip_mask,
     flip_rows,
+    global_rows,
     host_batch,
     load_dataset,
     load_uint8_split,
@@ -55,7 +56,7 @@ from gdjax.data.splits import (
 __all__ = [
     "ImageSplit", "Prefetcher", "batch_indices", "batch_iterator", "check_batch_size",
     "convert_channels", "data_sharding", "epoch_permutation", "flip_mask", "flip_rows",
-    "host_batch", "pad_rows",
+    "global_rows", "host_batch", "pad_rows",
     "load_dataset", "load_uint8_split", "local_rows", "preprocess", "resize_bilinear",
     "resize_uint8_pil", "resize_weights",
     "shard_batch", "steps_per_epoch",

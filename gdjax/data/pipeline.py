@@ -298,6 +298,16 @@ def shard_batch(batch: dict[str, np.ndarray], sharding, *, batch_size: int | Non
     return out
 
 
+def global_rows(array, sharding):
+    """A host array that every process holds whole (evaluation images, a solver batch), as
+    one global jax.Array split along axis 0 over `sharding`: each process places the rows
+    its devices hold."""
+    import jax
+
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 # ----------------------------------------------------------------------------- prefetch
 
 class _Failure:

@@ -46,7 +46,6 @@ import functools
 import glob
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -64,7 +63,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from gdjax import cache
+from gdjax import cache, files
+from gdjax.eval import batching
 
 log = logging.getLogger(__name__)
 
@@ -350,13 +350,10 @@ def expected_torchscript_shapes() -> dict[str, tuple[int, ...]]:
 def _state_dict_problems(shapes: Mapping[str, tuple[int, ...]],
                          expected: Mapping[str, tuple[int, ...]]) -> dict[str, list[str]]:
     """{"missing" | "unexpected" | "misshaped": lines naming those keys}."""
-    return {"missing": [f"missing key {k!r} (expected shape {expected[k]})"
-                        for k in sorted(set(expected) - set(shapes))],
-            "unexpected": [f"unexpected key {k!r} (shape {shapes[k]})"
-                           for k in sorted(set(shapes) - set(expected))],
-            "misshaped": [f"key {k!r}: expected shape {expected[k]}, found {shapes[k]}"
-                          for k in sorted(set(shapes) & set(expected))
-                          if shapes[k] != expected[k]]}
+    problems = files.shape_problems(shapes, expected)
+    return {kind: [line for line in problems if line.startswith(start)]
+            for kind, start in (("missing", "missing"), ("unexpected", "unexpected"),
+                                ("misshaped", "key"))}
 
 
 def _to_flax(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
@@ -678,7 +675,6 @@ def resize_tf1(x: jnp.ndarray, size: int = INPUT_SIZE) -> jnp.ndarray:
     return top + (bottom - top) * dy
 
 
-@jax.jit
 def _preprocess(images_uint8: jnp.ndarray) -> jnp.ndarray:
     x = images_uint8.astype(jnp.float32)
     if x.shape[-1] == 1:
@@ -686,47 +682,34 @@ def _preprocess(images_uint8: jnp.ndarray) -> jnp.ndarray:
     return (resize_tf1(x) - 128.0) / 128.0
 
 
-@jax.jit
-def _network(params, x: jnp.ndarray) -> jnp.ndarray:
-    return InceptionV3().apply({"params": params}, x)
+def _features(params, images_uint8: jnp.ndarray) -> jnp.ndarray:
+    return InceptionV3().apply({"params": params}, _preprocess(images_uint8))
 
 
-def pool_features_uint8(params, images_uint8, *, batch_size: int = 100,
-                        progress=None) -> np.ndarray:
+def pool_features_uint8(params, images_uint8, *, batch_size: int = 100, progress=None,
+                        sharding=None) -> np.ndarray:
     """Inception pool features, float32 [N, 2048], of uint8 NHWC images (1 or 3 channels,
     any size), as torchmetrics' FID computes them from its uint8 images: grey repeated to
     3 channels, TF1 bilinear resize to 299x299, (x - 128) / 128. `params` come from
-    `load_inception` (or a `convert_*` function). Runs on the default device.
+    `load_inception` (or a `convert_*` function).
 
-    Runs `batch_size` images at a time (fewer: the next power of two above N), padding the
-    last batch, so the network compiles once per batch size whatever the image size.
+    Runs `batch_size` images at a time (gdjax/eval/batching.py: the last batch padded, so
+    the network compiles once per batch size; with a `sharding`, split over its devices).
     `progress` (e.g. a `gdjax.logs.Progress`), if given, is advanced by each batch's images.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _check_uint8(images_uint8)
-    n = len(images)
-    batch_size = min(batch_size, 1 << (n - 1).bit_length())
-    out = []
-    for start in range(0, n, batch_size):
-        batch = images[start:start + batch_size]
-        pad = batch_size - len(batch)
-        if pad:
-            batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.uint8)])
-        features = jax.device_get(_network(params, _preprocess(batch)))
-        out.append(features[:batch_size - pad])
-        if progress is not None:
-            progress.update(batch_size - pad)
-    return np.concatenate(out)
+    return batching.map_batches(_features, params, images, batch_size=batch_size,
+                                sharding=sharding, progress=progress)
 
 
-def pool_features(params, images, *, batch_size: int = 100, progress=None) -> np.ndarray:
+def pool_features(params, images, *, batch_size: int = 100, progress=None,
+                  sharding=None) -> np.ndarray:
     """Inception pool features, float32 [N, 2048], of NHWC images in [0, 1] (1 or 3 channels,
     any size), preprocessed as torchmetrics' FID with normalize=True does: `to_uint8`, then
     `pool_features_uint8` (which says how it batches). Bad images are a ValueError before any
     work."""
     return pool_features_uint8(params, to_uint8(images), batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, sharding=sharding)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -751,15 +734,13 @@ def fid_unavailable_message(path: str | None = None) -> str:
 
 
 def _shape_problems(shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[str]:
-    expected = param_shapes()
-    name = "/".join
-    problems = [f"{name(p)}: expected shape {expected[p]}, found {shapes[p]}"
-                for p in sorted(set(shapes) & set(expected)) if shapes[p] != expected[p]]
-    problems += [f"unexpected {name(p)}" for p in sorted(set(shapes) - set(expected))]
-    missing = sorted(set(expected) - set(shapes))
+    """Misshaped and unexpected params by name, then how many are missing."""
+    problems = files.shape_problems(shapes, param_shapes(), name="/".join)
+    missing = [p for p in problems if p.startswith("missing")]
+    rest = [p for p in problems if not p.startswith("missing")]
     if missing:
-        problems.append(f"{len(missing)} missing, the first {name(missing[0])}")
-    return problems
+        rest.append(f"{len(missing)} missing, the first {missing[0][len('missing key '):]}")
+    return rest
 
 
 def save_inception(path: str, params, **record: str) -> None:
@@ -770,19 +751,9 @@ def save_inception(path: str, params, **record: str) -> None:
     problems = _shape_problems({p: tuple(np.shape(v)) for p, v in flat.items()})
     if problems:
         raise ValueError("params are not InceptionV3's: " + "; ".join(problems[:10]))
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    meta_path = os.path.join(path, META_FILE)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), params, force=True)
-        ckptr.wait_until_finished()
     meta = {"format": FORMAT, "version": 1, "feature_dim": FEATURE_DIM, "source": "",
             "sha256": "", **record}
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    files.save_tree(path, params, meta, tree_dir=PARAMS_DIR, meta_file=META_FILE)
 
 
 def install_inception(path: str, params, **record: str) -> None:
@@ -824,15 +795,12 @@ def load_record(path: str | None = None) -> dict:
     format, source, layout, sha256 of the converted file (and sha1 for the TorchScript)."""
     path = os.path.abspath(path or default_inception_dir())
     meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(fid_unavailable_message(path))
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); convert the weights again "
-                         "with `python -m launch.convert_inception`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = files.saved_meta(path, META_FILE, missing=fid_unavailable_message(path))
+    except ValueError as e:
+        raise ValueError(f"{e}; convert the weights again with "
+                         f"`python -m launch.convert_inception`") from None
+    if meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise ValueError(f"{meta_path} is not a gdjax Inception record (format {found!r}, "
                          f"expected {FORMAT!r})")
@@ -862,12 +830,9 @@ def load_inception(path: str | None = None):
     if not os.path.isfile(os.path.join(path, META_FILE)):
         raise FileNotFoundError(fid_unavailable_message(path))
     _check_saved(path)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     template = traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(s, jnp.float32, sharding=device)
-        for p, s in param_shapes().items()})
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(path, PARAMS_DIR), template)
+        p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in param_shapes().items()})
+    return files.load_tree(path, files.on_one_device(template), tree_dir=PARAMS_DIR)
 
 
 def maybe_load_inception(path: str | None = None):

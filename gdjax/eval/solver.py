@@ -24,19 +24,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
-from gdjax import ddim, losses, rng
+from gdjax import ddim, hosts, losses, rng
+from gdjax.eval import batching, metrics
 from gdjax.eval import classifier as cls
 from gdjax.schedule import Schedule
 
 SOLVER_STRATEGIES = ("naive", "cumulative", "generative_replay")
+# The replay term's direction: "forward" is knowledge distillation's cross-entropy of the
+# teacher's soft labels, -sum_c p_teacher log p_student; "reference" is the authors' code,
+# -sum_c p_student log p_teacher, whose gradient vanishes where the student is already
+# confidently wrong (README: "The classifier trained with replay").
+REPLAY_LOSSES = ("forward", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +59,25 @@ class SolverConfig:
     gen_steps: int = 10
     replay_size: int = 0  # 0: the batch size
     num_classes: int = 10
+    replay_loss: str = "forward"  # or "reference" (REPLAY_LOSSES)
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        if self.replay_loss not in REPLAY_LOSSES:
+            raise ValueError(f"solver.replay_loss={self.replay_loss!r} is unknown; use one of "
+                             f"{REPLAY_LOSSES}.")
         if self.strategy not in SOLVER_STRATEGIES:
             raise ValueError(f"solver.strategy={self.strategy!r} is unknown; use one of "
                              f"{SOLVER_STRATEGIES} (or 'auto' in a run config).")
         for name in ("epochs", "batch_size", "gen_steps", "num_classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"solver.{name}={getattr(self, name)} must be >= 1.")
-        if not self.temperature > 0 or not self.learning_rate > 0:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"solver.{name}={value!r} must be an integer >= 1.")
+        if not (isinstance(self.replay_size, int) and self.replay_size >= 0):
+            raise ValueError(f"solver.replay_size={self.replay_size!r} must be an integer >= 0 "
+                             f"(0: the batch size).")
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v)
+                     for v in (self.temperature, self.learning_rate))
+        if not finite or not self.temperature > 0 or not self.learning_rate > 0:
             raise ValueError(f"solver.temperature={self.temperature} and solver.learning_rate="
                              f"{self.learning_rate} must be > 0.")
 
@@ -76,12 +94,20 @@ class SolverState(NamedTuple):
     teacher: Any
 
 
-def replay_loss(student_logits, teacher_logits, temperature: float, mask=None):
-    """T^2 * mean over rows of -sum_c softmax(student/T)_c * log_softmax(teacher/T)_c
-    (over the rows whose `mask` is 1, when given)."""
-    p_student = jax.nn.softmax(student_logits / temperature, axis=-1)
-    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    return temperature**2 * _mean(-jnp.sum(p_student * log_p_teacher, axis=-1), mask)
+def replay_loss(student_logits, teacher_logits, temperature: float, mask=None, *,
+                direction: str = "reference"):
+    """T^2 * mean over rows (those whose `mask` is 1, when given) of, with p = softmax(./T):
+    "reference" (the authors' code): -sum_c p(student)_c * log p(teacher)_c;
+    "forward" (knowledge distillation's): -sum_c p(teacher)_c * log p(student)_c."""
+    if direction not in REPLAY_LOSSES:
+        raise ValueError(f"solver.replay_loss={direction!r} is unknown; use one of "
+                         f"{REPLAY_LOSSES}.")
+    weights, logs = student_logits, teacher_logits
+    if direction == "forward":
+        weights, logs = teacher_logits, student_logits
+    p = jax.nn.softmax(weights / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(logs / temperature, axis=-1)
+    return temperature**2 * _mean(-jnp.sum(p * log_q, axis=-1), mask)
 
 
 def _mean(rows, mask):
@@ -91,15 +117,16 @@ def _mean(rows, mask):
 
 
 def solver_loss(logits, labels, replay_logits, teacher_logits, *, experience, temperature,
-                mask=None, replay_mask=None):
-    """(1/(k+1)) CE(real rows) + (1 - 1/(k+1)) replay; CE alone without replay rows. The
-    masks (None: every row) pick the real rows of a padded last batch."""
+                mask=None, replay_mask=None, direction: str = "reference"):
+    """(1/(k+1)) CE(real rows) + (1 - 1/(k+1)) replay (`replay_loss` in `direction`); CE
+    alone without replay rows. The masks (None: every row) pick the real rows of a padded
+    last batch."""
     ce = _mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
     if replay_logits is None:
         return ce
     w = 1.0 / (experience.astype(jnp.float32) + 1.0)
     return w * ce + (1.0 - w) * replay_loss(replay_logits, teacher_logits, temperature,
-                                            replay_mask)
+                                            replay_mask, direction=direction)
 
 
 def make_optimizer(cfg: SolverConfig) -> optax.GradientTransformation:
@@ -107,10 +134,11 @@ def make_optimizer(cfg: SolverConfig) -> optax.GradientTransformation:
 
 
 def init_state(cfg: SolverConfig, rng: jax.Array, image_shape: tuple) -> SolverState:
-    """A fresh solver; its teacher slot holds a copy until the first boundary."""
+    """A fresh solver, replicated on the default mesh (`shardings`); its teacher slot holds
+    a copy until the first boundary."""
     params = cls.init_classifier(rng, image_shape, cfg.num_classes)
-    return SolverState(params, make_optimizer(cfg).init(params),
-                       jax.tree.map(jnp.copy, params))
+    return jax.device_put(SolverState(params, make_optimizer(cfg).init(params),
+                                      jax.tree.map(jnp.copy, params)), shardings()[1])
 
 
 def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *, shape,
@@ -123,7 +151,7 @@ def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *,
 
 
 @functools.lru_cache(maxsize=8)
-def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
+def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, mesh=None):
     """The jitted step `(state, gen_params, schedule, images, labels, mask, experience, rng)
     -> (state, loss)`; `mask` [B] marks the real rows (1) of a padded batch; `gen_params`
     (the previous generator) and `schedule` are only read `with_replay` (pass None
@@ -140,9 +168,11 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
         batch = images.shape[0]
         return solver_loss(logits[:batch], labels, logits[batch:], teacher_logits,
                            experience=experience, temperature=cfg.temperature, mask=mask,
-                           replay_mask=losses.replay_mask(mask, replay.shape[0]))
+                           replay_mask=losses.replay_mask(mask, replay.shape[0]),
+                           direction=cfg.replay_loss)
 
-    def step(state: SolverState, gen_params, schedule, images, labels, mask, experience, rng):
+    def solver_step(state: SolverState, gen_params, schedule, images, labels, mask, experience,
+                    rng):
         k_gen, k_drop = jax.random.split(rng)
         replay = None
         if with_replay:
@@ -155,7 +185,41 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool):
         return SolverState(optax.apply_updates(state.params, updates), opt_state,
                            state.teacher), loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    # Declared shardings: the batch split over the mesh's 'data' axis, the rest replicated
+    # (a misplaced input is an error, not a silent second compilation).
+    rows, same = shardings(mesh)
+    return jax.jit(solver_step, donate_argnums=(0,),
+                   in_shardings=(same, same, same, rows, rows, rows, same, same),
+                   out_shardings=(same, same))
+
+
+def shardings(mesh=None) -> tuple[NamedSharding, NamedSharding]:
+    """(rows split over 'data', replicated) on `mesh` (default: every device, 1-D)."""
+    mesh = mesh or gdata.data_sharding().mesh
+    return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def experience_data(strategy: str, train: gdata.ImageSplit, experiences, k: int):
+    """The solver's real images for experience k (every experience so far if cumulative)."""
+    if strategy == "cumulative":
+        return train.select(gdata.seen_classes(experiences, k))
+    return train.select(experiences[k])
+
+
+def learn_experience(cfg: SolverConfig, state: SolverState, *, train: gdata.ImageSplit,
+                     experiences, experience: int, seed: int, gen_apply: Callable,
+                     gen_params, schedule: Schedule, flip: bool = False,
+                     drop_last: bool = False, progress=None) -> SolverState:
+    """The solver after experience k: the previous solver frozen as the teacher of its
+    replay, then trained on the experience's data (`train_experience`), replaying from
+    `gen_params` (the previous generator) under "generative_replay" from k = 1 on."""
+    state = state._replace(teacher=jax.tree.map(jnp.copy, state.params))
+    data = experience_data(cfg.strategy, train, experiences, experience)
+    return train_experience(
+        cfg, state, images=data.images, labels=data.labels, experience=experience, seed=seed,
+        with_replay=cfg.strategy == "generative_replay" and experience > 0,
+        gen_apply=gen_apply, gen_params=gen_params, schedule=schedule, flip=flip,
+        drop_last=drop_last, progress=progress)
 
 
 def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarray,
@@ -165,23 +229,25 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
                      drop_last: bool = False, progress=None) -> SolverState:
     """Trains the solver on one experience's data (cfg.epochs epochs); returns its state.
 
-    The previous solver (`state.teacher`) must already be frozen by the caller. Each epoch
-    visits the named stream "solver_order" permutation in batches of `cfg.batch_size`, the
-    last one partial (padded and masked) unless `drop_last`; `flip` mirrors rows as the
-    generator's batches are (stream "solver_flip"); dropout and replay keys come from the
-    stream "solver_step". A rerun is identical.
+    The previous solver (`state.teacher`) must already be frozen by the caller. Adam starts
+    afresh. Each epoch visits the named stream "solver_order" permutation in batches of
+    `cfg.batch_size`, the last one partial (padded and masked) unless `drop_last`; `flip`
+    mirrors rows as the generator's batches are (stream "solver_flip"); dropout and replay
+    keys come from the stream "solver_step". A rerun is identical.
     """
     batch = min(cfg.batch_size, len(images))
     if batch < 1:
         raise ValueError(f"experience {experience} has no training images for the solver")
     step_fn = make_step(cfg, gen_apply if with_replay else None, with_replay)
-    if not with_replay:
-        gen_params = schedule = None
-    state = state._replace(opt_state=make_optimizer(cfg).init(state.params))
+    frozen = (gen_params, schedule) if with_replay else (None, None)
+    # On the mesh, like the step's outputs: arrays of another placement (a fresh optimizer
+    # state) would make the second step of every experience compile again.
+    rows_sharding, same = shardings()
+    state = jax.device_put(state._replace(opt_state=make_optimizer(cfg).init(state.params)),
+                           same)
+    place = functools.partial(gdata.global_rows, sharding=rows_sharding)
     key = rng.key(seed, "solver_step", experience)
-    exp = jnp.int32(experience)
     per_epoch = gdata.steps_per_epoch(len(images), batch, drop_last=drop_last)
-    step = 0
     for epoch in range(cfg.epochs):
         order = rng.numpy_rng(seed, "solver_order", experience, epoch).permutation(len(images))
         losses = []  # stay on device until the epoch ends: one transfer per epoch
@@ -191,18 +257,39 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
             if flip:
                 mask = rng.numpy_rng(seed, "solver_flip", experience, epoch, i).random(len(rows))
                 x = gdata.flip_rows(x, mask < 0.5)
-            real = np.zeros(batch, np.float32)
-            real[:len(rows)] = 1.0
-            state, loss = step_fn(state, gen_params, schedule, gdata.pad_rows(x, batch),
-                                  gdata.pad_rows(labels[rows], batch), real, exp,
-                                  jax.random.fold_in(key, step))
+            real = (np.arange(batch) < len(rows)).astype(np.float32)
+            state, loss = step_fn(state, *frozen, place(gdata.pad_rows(x, batch)),
+                                  place(gdata.pad_rows(labels[rows], batch)), place(real),
+                                  jnp.int32(experience),
+                                  jax.random.fold_in(key, epoch * per_epoch + i))
             losses.append(loss)
-            step += 1
-        check_finite(jax.device_get(losses), experience=experience, epoch=epoch,
-                     first_step=step - len(losses))
+        check_finite([hosts.host_copy(loss) for loss in losses], experience=experience,
+                     epoch=epoch, first_step=epoch * per_epoch)
         if progress is not None:
             progress.update(1)
     return state
+
+
+def accuracies(params, test: gdata.ImageSplit, experiences, k: int, *,
+               num_classes: int) -> tuple[float, list[float]]:
+    """(accuracy on the test images of experiences 0..k, [accuracy on each of them])."""
+    seen = test.select(gdata.seen_classes(experiences, k))
+    predictions = predict(params, seen.images, num_classes=num_classes)
+    per = [metrics.accuracy(predictions[np.isin(seen.labels, experiences[j])],
+                            seen.labels[np.isin(seen.labels, experiences[j])])
+           for j in range(k + 1)]
+    return metrics.accuracy(predictions, seen.labels), per
+
+
+def metrics_row(overall: float, history: np.ndarray, k: int) -> dict[str, float]:
+    """The experience row's solver metrics after experience k: accuracy on the classes
+    seen, on each experience, and avalanche's forgetting (mean over j < k of the accuracy
+    on j right after learning j minus now), from `history` [n, n] whose row i holds the
+    per-experience accuracies after experience i (rows 0..k filled)."""
+    row = {"classifier_accuracy": overall}
+    row.update({f"classifier_acc_exp_{j}": float(history[k, j]) for j in range(k + 1)})
+    row["classifier_forgetting"] = metrics.forgetting(history[:k + 1, :k + 1])
+    return row
 
 
 def check_finite(losses, *, experience: int, epoch: int, first_step: int) -> None:
@@ -226,20 +313,16 @@ def steps_per_experience(cfg: SolverConfig, num_images: int, *, drop_last: bool 
                                               drop_last=drop_last)
 
 
-@functools.lru_cache(maxsize=4)
-def _predict_fn(num_classes: int):
-    model = cls.SimpleCNN(num_classes=num_classes)
-    return jax.jit(lambda params, x: jnp.argmax(model.apply({"params": params}, x), -1))
+def _predictions(params, images):
+    logits = cls.SimpleCNN(num_classes=cls.num_classes_of(params)).apply({"params": params},
+                                                                       images)
+    return jnp.argmax(logits, -1)
 
 
-def predict(params, images: np.ndarray, *, num_classes: int, batch_size: int = 500) -> np.ndarray:
-    """Class ids [N] of images [N, H, W, C] in [-1, 1] (dropout off); batches padded to one
-    shape so the network compiles once per batch size."""
-    fn, out = _predict_fn(num_classes), []
-    batch_size = min(batch_size, 1 << (len(images) - 1).bit_length())
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start:start + batch_size], np.float32)
-        pad = batch_size - len(batch)
-        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], np.float32)])
-        out.append(np.asarray(fn(params, batch))[:batch_size - pad])
-    return np.concatenate(out)
+def predict(params, images: np.ndarray, *, num_classes: int, batch_size: int = 500,
+            sharding=None) -> np.ndarray:
+    """Class ids [N] of images [N, H, W, C] in [-1, 1] (dropout off), `batch_size` at a time
+    (gdjax/eval/batching.py; with a `sharding`, split over its devices)."""
+    del num_classes  # the head's width says it
+    return batching.map_batches(_predictions, params, np.asarray(images, np.float32),
+                                batch_size=batch_size, sharding=sharding)

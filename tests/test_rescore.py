@@ -1,7 +1,7 @@
-"""Tests of gdjax/evaluate.py and launch/evaluate.py: re-evaluating a saved run.
+"""Tests of gdjax/eval/rescore.py and launch/evaluate.py: re-evaluating a saved run.
 
 The runs are written by the tests as continual.train leaves them (config.json through the
-loop's own writer, generators through `save_params` in `experience_params/experience_<k>`),
+run directory's writer, generators through `save_params` in `experience_params/experience_<k>`),
 with distinct random parameters per experience so that a fake hook can tell which generator
 it was given. One test runs `python -m launch.evaluate` with the real hook and a randomly
 initialised evaluation classifier, and checks kld and ard against the test labels.
@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 
 from configs import base
-from gdjax import continual, evaluate, report, unet
+from gdjax import report, rundir, unet
+from gdjax.eval import rescore as evaluate
+from gdjax.run import config_as_json, settings_from_config
 from gdjax import data as gdata
 from gdjax.convert import save_params
 from gdjax.eval import classifier as cls
 from gdjax.eval import metrics
 from gdjax.logs import read_metrics
-from tests.test_continual import tiny_config
+from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_config(data_dir):
     config = tiny_config("naive")
     config.solver.enabled = False
-    config.data.data_dir = str(data_dir)  # where the real hook looks for its classifier
+    config.data.data_dir = str(data_dir)
     return config
 
 
@@ -47,12 +49,12 @@ def checksum(params) -> float:
 def write_run(workdir, config, experiences=(0, 1), *, final=False):
     """config.json plus a generator per experience; returns {k: checksum of its params}."""
     os.makedirs(workdir, exist_ok=True)
-    continual._write_config(str(workdir), config)
+    rundir.write_config(str(workdir), config_as_json(config))
     sums = {}
     for k in experiences:
         params, unet_config = random_params(config, seed=100 + k)
         path = (os.path.join(workdir, "final_params") if final
-                else continual.experience_params_dir(str(workdir), k))
+                else rundir.experience_params_dir(str(workdir), k))
         save_params(path, params, unet_config)
         sums[k] = checksum(params)
     return sums
@@ -65,7 +67,7 @@ class FakeHook:
         self.calls, self.offset = [], offset
 
     def __call__(self, run, k, params):
-        self.calls.append((k, run.config.eval.num_samples))
+        self.calls.append((k, run.settings.eval.num_samples))
         return {"checksum": checksum(params) + self.offset, "kld": np.float32(0.25 * k)}
 
 
@@ -144,7 +146,8 @@ def test_launch_evaluate_with_the_real_hook(tmp_path):
         config.eval.classifier = "simple_cnn"  # the fastest to train and run
     workdir = str(tmp_path / "run")
     write_run(workdir, config)
-    cls.train_for_config(config, epochs=1, batch_size=512)  # into the hook's default place
+    # Into the hook's default place (the session's cache dir, inherited by the subprocess).
+    cls.train_for_settings(settings_from_config(config), epochs=1, batch_size=512)
     result = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}",
                              "--experiences=1", "--num_samples=16"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
@@ -211,6 +214,6 @@ def test_unsaved_experience_and_another_model(saved_run, tmp_path):
     config = run_config(tmp_path / "data")
     write_run(other, config)
     config.model.name = "digits"  # config.json now names a different UNet than the saved one
-    continual._write_config(other, config)
+    rundir.write_config(other, config_as_json(config))
     with pytest.raises(ValueError, match=r"experience_0 holds a UNet .* model.name='digits'"):
         evaluate.evaluate_run(other, base.get_config(), eval_hook=FakeHook())

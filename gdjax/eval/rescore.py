@@ -1,8 +1,8 @@
-"""Re-evaluation of a saved run: rebuild its config, score each saved generator again.
+"""Re-scoring a saved run: rebuild its config, score each saved generator again.
 
 `evaluate_run(workdir, base_config)` rebuilds the run's config from its `config.json`
 (`config_from_json`: the values applied onto `base_config`, the project's
-`configs/base.get_config()`), builds the run (`continual.build`), and for every saved
+`configs/base.get_config()`), builds the run (`run.build`), and for every saved
 generator, `experience_params/experience_<k>/` (or `final_params/` as the last experience when
 a run saved none of those), calls the evaluation hook `hook(run, k, params)`. Each result
 becomes one row `{"step", "experience", "classes_seen", "num_samples", "eval_steps",
@@ -16,7 +16,6 @@ also redraws `samples/histogram_experience_<k>.png`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -24,44 +23,27 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from gdjax import continual
+from gdjax import rundir
 from gdjax import data as gdata
 from gdjax.convert import GDJAX_CONFIG_FILE, restore_params
 from gdjax.eval import hooks
 from gdjax.logs import read_metrics, replace_stream
+from gdjax.run import Run, build
 
 log = logging.getLogger(__name__)
 
 STREAM = "evaluation"
-EXPERIENCE_PARAMS = "experience_params"
-FINAL_PARAMS = "final_params"
 _EXPERIENCE_DIR = re.compile(r"^experience_(\d+)$")
-# Sections every gdjax run config has (configs/base.py); a config.json without them is
-# another program's (a diffusers model's config.json, say).
-SECTIONS = ("data", "model", "diffusion", "strategy", "train", "eval")
 
 
 # ----------------------------------------------------------------------------- the config
 
 def read_config_json(workdir: str) -> dict:
-    """The run's config.json as a dict; raises, naming the file, if it is absent or not a
-    gdjax run config."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{workdir} has no config.json: not a gdjax run directory (launch/train.py writes "
-            f"one when a run starts); pass the --workdir of a run.")
+    """The run's config.json (`rundir.read_config`), its errors saying what to pass."""
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): not a gdjax run config.") from e
-    missing = [s for s in SECTIONS if not isinstance(values, dict)
-               or not isinstance(values.get(s), dict)]
-    if missing:
-        raise ValueError(f"{path} is not a gdjax run config: it has no {', '.join(missing)} "
-                         f"section(s) of configs/base.py; pass the --workdir of a gdjax run.")
-    return values
+        return rundir.read_config(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e} Pass the --workdir of a gdjax run.") from None
 
 
 def _as_tuples(value):
@@ -102,8 +84,8 @@ def config_from_json(values: Mapping[str, Any], base_config, *, where: str = "co
 
 def load_config(workdir: str, base_config):
     """The config of the run in `workdir`, rebuilt from its config.json onto `base_config`."""
-    path = os.path.join(workdir, "config.json")
-    return config_from_json(read_config_json(workdir), base_config, where=path)
+    return config_from_json(read_config_json(workdir), base_config,
+                            where=rundir.config_path(workdir))
 
 
 # ----------------------------------------------------------------------------- saved params
@@ -119,14 +101,14 @@ def saved_params(workdir: str, num_experiences: int) -> dict[int, str]:
     `experience_params/experience_<k>/` when the run saved any, else `final_params/` as
     the last experience. Raises FileNotFoundError naming the directories if neither exists.
     """
-    root = os.path.join(workdir, EXPERIENCE_PARAMS)
+    root = os.path.dirname(rundir.experience_params_dir(workdir, 0))
     found = {}
     if os.path.isdir(root):
         for name in os.listdir(root):
             match = _EXPERIENCE_DIR.match(name)
-            if match and _is_params_dir(os.path.join(root, name)):
-                found[int(match.group(1))] = os.path.join(root, name)
-    final = os.path.join(workdir, FINAL_PARAMS)
+            if match and _is_params_dir(rundir.experience_params_dir(workdir, int(match[1]))):
+                found[int(match.group(1))] = rundir.experience_params_dir(workdir, int(match[1]))
+    final = rundir.final_params_dir(workdir)
     if not found and _is_params_dir(final):
         found[num_experiences - 1] = final
     if not found:
@@ -147,19 +129,20 @@ def _choose(saved: dict[int, str], experiences: Sequence[int] | None, workdir: s
     return sorted(set(experiences))
 
 
-def _restore(path: str, run: continual.Run):
+def _restore(path: str, run: Run):
     unet_config, params = restore_params(path)
-    if dataclasses.replace(unet_config, dtype=run.unet_config.dtype) != run.unet_config:
+    want = run.settings.unet
+    if dataclasses.replace(unet_config, dtype=want.dtype) != want:
         raise ValueError(f"{path} holds a UNet {unet_config}, but the run's config.json says "
-                         f"model.name={run.config.model.name!r}, a {run.unet_config}.")
+                         f"model.name={run.settings.config['model']['name']!r}, a {want}.")
     return jax.device_put(params, run.replicated)
 
 
 # ----------------------------------------------------------------------------- rows
 
-def end_step(run: continual.Run, k: int) -> int:
+def end_step(run: Run, k: int) -> int:
     """The global train step at the end of experience k (the step of its checkpoint)."""
-    return sum(continual.num_steps(run, j) for j in range(k + 1))
+    return sum(run.num_steps(j) for j in range(k + 1))
 
 
 def write_rows(workdir: str, rows: Sequence[dict]) -> None:
@@ -171,11 +154,11 @@ def write_rows(workdir: str, rows: Sequence[dict]) -> None:
                    sorted(kept + list(new.values()), key=lambda r: r.get("experience", -1)))
 
 
-def _hook_for(config, eval_hook: Callable | None) -> Callable:
-    hook = eval_hook if eval_hook is not None else hooks.default_eval_hook(config)
+def _hook_for(run: Run, eval_hook: Callable | None) -> Callable:
+    hook = eval_hook if eval_hook is not None else hooks.default_eval_hook(run.settings)
     if hook is None:
         raise FileNotFoundError(
-            f"no evaluation classifier for data.name={config.data.name!r}: train one with "
+            f"no evaluation classifier for data.name={run.settings.data.name!r}: train one with "
             f"`python -m launch.train_classifier --config <the run's config>` first.")
     return hook
 
@@ -192,17 +175,18 @@ def evaluate_run(workdir: str, base_config, *, experiences: Sequence[int] | None
     config = load_config(workdir, base_config)
     if num_samples is not None:
         config.eval.num_samples = num_samples
-    run = continual.build(config, workdir)
+    run = build(config, workdir)
     saved = saved_params(workdir, len(run.experiences))
     chosen = _choose(saved, experiences, workdir)
-    hook = _hook_for(config, eval_hook)
+    hook = _hook_for(run, eval_hook)
     rows = []
     for k in chosen:
         log.info("evaluating %s after experience %d (%s)", workdir, k, saved[k])
         metrics = hook(run, k, _restore(saved[k], run))
         rows.append({"step": end_step(run, k), "experience": k,
                      "classes_seen": len(gdata.seen_classes(run.experiences, k)),
-                     "num_samples": config.eval.num_samples, "eval_steps": config.eval.steps,
+                     "num_samples": run.settings.eval.num_samples,
+                     "eval_steps": run.settings.eval.steps,
                      **metrics})
         write_rows(workdir, rows)  # after each one: a kill keeps the finished experiences
     return rows

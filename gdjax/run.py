@@ -1,0 +1,430 @@
+"""A run: typed settings built once from a ConfigDict, then what they call for.
+
+    config (configs/*.py, a locked ConfigDict)
+      -> settings_from_config(config) -> Settings   frozen dataclasses, each validated once
+      -> build(settings, workdir)     -> Run        data, experiences, model, schedule, ...
+
+Each section of the config becomes its own frozen dataclass and validates itself on
+construction (`DataSettings`, `TrainSettings`, `EvalSettings`, the model's `UNetConfig`,
+the `StrategyConfig`, `OptimConfig` and `SolverConfig` of the compiled steps);
+`settings_from_config` adds only the checks that span sections. Nothing downstream reads
+the ConfigDict again: `Settings.config` keeps it as a plain dict, for config.json and the
+fingerprint that tells a resumed run from another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gdjax import data as gdata
+from gdjax import losses, strategies, unet
+from gdjax.data import memory
+from gdjax.eval import CLASSIFIERS
+from gdjax.eval.solver import SOLVER_STRATEGIES, SolverConfig
+from gdjax.schedule import BETA_SCHEDULES, Schedule, make_schedule
+from gdjax.strategies import StrategyConfig
+from gdjax.train_step import OptimConfig, make_optimizer, make_train_step
+
+MODES = ("continual", "iid", "iid_distill")
+IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
+                          strategies.PARTIAL_GENERATION)
+DTYPES = ("float32", "bfloat16")
+ON_NAN = ("stop", "skip")
+FID_AT = ("all", "last")
+# solver.strategy: "auto" follows the generator (the classifier baselines train as their
+# generator does; every other generator strategy replays from its previous generator).
+SOLVER_CHOICES = ("auto",) + SOLVER_STRATEGIES
+AUTO_SOLVER = {strategies.NAIVE: "naive", strategies.CUMULATIVE: "cumulative"}
+SECTIONS = ("data", "model", "diffusion", "strategy", "train", "eval", "solver", "log")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(obj, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{prefix}.{name}={value!r} must be a positive integer.")
+
+
+def _finite(obj, prefix: str, *names: str, low: float | None = None) -> None:
+    """Real numbers that are not NaN or inf (and >= low when given)."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (low is None or value >= low)
+        _require(ok, f"{prefix}.{name}={value!r} must be a finite number"
+                 + (f" >= {low}." if low is not None else "."))
+
+
+def _bools(obj, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, bool), f"{prefix}.{name}={value!r} must be True or False.")
+
+
+def _one_of(value, choices, key: str, what: str = "") -> None:
+    _require(value in choices, f"{key}={value!r} is unknown; use one of {choices}{what}.")
+
+
+# ----------------------------------------------------------------------------- sections
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The `data` section: which images, how they are cut into experiences and batched."""
+
+    name: str
+    source: str
+    data_dir: str | None
+    image_size: int
+    channels: int
+    n_experiences: int
+    class_order: tuple[int, ...]
+    flip: bool
+    drop_last: bool
+    prefetch: int
+
+    def __post_init__(self):
+        _positive(self, "data", "image_size", "channels", "n_experiences", "prefetch")
+        _bools(self, "data", "flip", "drop_last")
+        _one_of(self.source, gdata.SOURCES, "data.source")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """The `diffusion` section: the noise schedule (gdjax/schedule.py)."""
+
+    beta_schedule: str
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    rescale_zero_snr: bool
+
+    def __post_init__(self):
+        _one_of(self.beta_schedule, BETA_SCHEDULES, "diffusion.beta_schedule")
+        self.schedule()  # make_schedule checks the numbers and names the bad one
+
+    def schedule(self) -> Schedule:
+        return _schedule(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _schedule(d: DiffusionSettings) -> Schedule:
+    return make_schedule(d.beta_schedule, num_train_timesteps=d.num_train_timesteps,
+                         beta_start=d.beta_start, beta_end=d.beta_end,
+                         rescale_zero_snr=d.rescale_zero_snr)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The `train` section, but for the optimizer's numbers (`OptimConfig`)."""
+
+    mode: str
+    batch_size: int
+    epochs_per_experience: int
+    steps_per_experience: int
+    criterion: str
+    log_every: int
+    checkpoint_every: int
+    max_to_keep: int
+    teacher_dir: str
+    on_nan: str
+    reset_optimizer: bool
+
+    def __post_init__(self):
+        _one_of(self.mode, MODES, "train.mode")
+        _one_of(self.criterion, losses.CRITERIA, "train.criterion")
+        _one_of(self.on_nan, ON_NAN, "train.on_nan")
+        _positive(self, "train", "batch_size", "log_every", "checkpoint_every", "max_to_keep")
+        _bools(self, "train", "reset_optimizer")
+        _require(self.steps_per_experience > 0 or self.epochs_per_experience > 0,
+                 "set train.steps_per_experience or train.epochs_per_experience to a "
+                 "positive value.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The `eval` section: sample grids, the evaluation after each experience, FID."""
+
+    steps: int
+    eta: float
+    num_samples: int
+    batch_size: int
+    grid_samples: int
+    save_experience_params: bool
+    fid: bool
+    fid_at: str
+    inception_dir: str
+    classifier: str
+    train_classifier: bool
+
+    def __post_init__(self):
+        _positive(self, "eval", "steps", "num_samples", "batch_size", "grid_samples")
+        _finite(self, "eval", "eta", low=0.0)
+        _bools(self, "eval", "save_experience_params", "fid", "train_classifier")
+        _one_of(self.fid_at, FID_AT, "eval.fid_at")
+        _one_of(self.classifier, CLASSIFIERS, "eval.classifier",
+                " (the network that labels samples and gives fd_classifier's features)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+    tensorboard: bool
+    wandb: bool
+
+    def __post_init__(self):
+        _bools(self, "log", "tensorboard", "wandb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run is configured with, typed and checked."""
+
+    seed: int
+    data: DataSettings
+    unet: unet.UNetConfig
+    diffusion: DiffusionSettings
+    strategy: StrategyConfig
+    optim: OptimConfig
+    train: TrainSettings
+    eval: EvalSettings
+    solver: SolverConfig | None  # None: no classifier trained beside the generator
+    log: LogSettings
+    config: dict = dataclasses.field(compare=False, repr=False)  # the ConfigDict, as JSON
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.diffusion.schedule()
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _section(cls, section, **overrides):
+    """`cls` from the ConfigDict `section`, field by field (plus `overrides`)."""
+    values = {f.name: section[f.name] for f in dataclasses.fields(cls) if f.name not in overrides}
+    return cls(**values, **overrides)
+
+
+def _strategy(s, num_train_timesteps: int) -> StrategyConfig:
+    cfg = StrategyConfig(name=s.name, lambd=s.lambd, weight_replay_loss=s.weight_replay_loss,
+                         replay_start_timestep=s.replay_start_timestep,
+                         teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
+                         replay_size=s.replay_size, er_buffer_size=s.er_buffer_size)
+    cfg.check_timesteps(num_train_timesteps)
+    return cfg
+
+
+def _solver(config) -> SolverConfig | None:
+    s = config.solver
+    _one_of(s.strategy, SOLVER_CHOICES, "solver.strategy")
+    if not s.enabled or config.train.mode != "continual":
+        return None
+    strategy = s.strategy
+    if strategy == "auto":
+        strategy = AUTO_SOLVER.get(config.strategy.name, "generative_replay")
+    return SolverConfig(strategy=strategy, epochs=s.epochs, batch_size=s.batch_size,
+                        learning_rate=s.learning_rate, temperature=s.temperature,
+                        gen_steps=config.eval.steps, replay_size=s.replay_size,
+                        replay_loss=s.replay_loss)
+
+
+def settings_from_config(config) -> Settings:
+    """The typed `Settings` of a run ConfigDict; ValueError naming the first bad key, its
+    value and what would be valid (checks within a section run as its dataclass is built,
+    those across sections here). The solver's head has 10 classes until `build` counts the
+    data set's."""
+    for section in SECTIONS:
+        _require(section in config, f"the config has no '{section}' section: start from "
+                                    f"configs/base.py get_config().")
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**31,
+             f"seed={config.seed!r} must be an integer in 0..2**31 - 1.")
+    _one_of(config.model.dtype, DTYPES, "model.dtype")
+    d = config.data
+    data = _section(DataSettings, d, data_dir=d.data_dir or None,
+                    class_order=tuple(d.class_order))
+    diffusion = _section(DiffusionSettings, config.diffusion)
+    train = _section(TrainSettings, config.train)
+    evaluation = _section(EvalSettings, config.eval)
+    t = config.train
+    optim = OptimConfig(learning_rate=t.learning_rate, grad_clip=t.grad_clip)
+    strategy = _strategy(config.strategy, diffusion.num_train_timesteps)
+    model = unet.get_unet_config(config.model.name, dtype=config.model.dtype)
+    settings = Settings(
+        seed=config.seed, data=data, unet=model, diffusion=diffusion, strategy=strategy,
+        optim=optim, train=train, eval=evaluation, solver=_solver(config),
+        log=_section(LogSettings, config.log), config=config_as_json(config))
+    _check_across_sections(settings)
+    return settings
+
+
+def _check_across_sections(s: Settings) -> None:
+    u, d = s.unet, s.data
+    _require((u.sample_size, u.in_channels) == (d.image_size, d.channels),
+             f"model.name={s.config['model']['name']!r} takes {u.sample_size}px images with "
+             f"{u.in_channels} channel(s), but data.image_size={d.image_size}, "
+             f"data.channels={d.channels}: make them agree.")
+    _require(s.eval.steps <= s.diffusion.num_train_timesteps,
+             f"eval.steps={s.eval.steps} must be in 1..{s.diffusion.num_train_timesteps}.")
+    name = s.strategy.name
+    if s.train.mode == "iid_distill":
+        _require(name in IID_DISTILL_STRATEGIES,
+                 f"train.mode='iid_distill' distils with strategy.name in "
+                 f"{IID_DISTILL_STRATEGIES}, not {name!r}.")
+    if s.train.mode == "iid":
+        _require(name == strategies.NAIVE,
+                 f"train.mode='iid' trains on all the data at once: set strategy.name='naive' "
+                 f"(got {name!r}).")
+
+
+def config_as_json(config) -> dict:
+    """A ConfigDict as the plain dict config.json holds (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+# ----------------------------------------------------------------------------- the run
+
+@functools.lru_cache(maxsize=None)
+def model_apply_fn(config: unet.UNetConfig) -> Callable:
+    """apply_fn(params, x, t) for a UNet config; one stable function per config (jit cache)."""
+    model = unet.UNet(config)
+
+    def apply_fn(params, x, t):
+        return model.apply({"params": params}, x, t)
+
+    return apply_fn
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run is made of, built once from its settings (no compilation)."""
+
+    settings: Settings
+    workdir: str
+    train: gdata.ImageSplit
+    test: gdata.ImageSplit
+    experiences: list
+    sharding: NamedSharding  # the batch sharding; its mesh holds every device
+    optimizer: Any
+    apply_fn: Callable
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.sharding.mesh, P())
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.settings.schedule
+
+    @property
+    def image_shape(self) -> tuple:
+        d = self.settings.data
+        return (d.image_size, d.image_size, d.channels)
+
+    def experience_data(self, k: int) -> gdata.ImageSplit:
+        """The training data of experience k (all experiences so far for `cumulative`)."""
+        if self.settings.strategy.name == strategies.CUMULATIVE:
+            return self.train.select(gdata.seen_classes(self.experiences, k))
+        return self.train.select(self.experiences[k])
+
+    def num_steps(self, k: int) -> int:
+        """Generator steps in experience k: train.steps_per_experience, or its epochs."""
+        t = self.settings.train
+        if t.steps_per_experience > 0:
+            return t.steps_per_experience
+        return t.epochs_per_experience * gdata.steps_per_epoch(
+            len(self.experience_data(k)), t.batch_size, drop_last=self.settings.data.drop_last)
+
+    def uses_replay(self, k: int) -> bool:
+        """Whether experience k trains with the strategy's replay half."""
+        if self.settings.train.mode == "iid_distill":
+            return True
+        return k > 0 and self.settings.strategy.name not in (strategies.NAIVE,
+                                                             strategies.CUMULATIVE)
+
+    def step(self, with_replay: bool):
+        """The compiled train step: plain (first experience) or with the replay half."""
+        s = self.settings
+        # The plain step is the same for every strategy: share its compilation.
+        strategy = s.strategy if with_replay else StrategyConfig(strategies.NAIVE)
+        return _compiled_step(s.unet, s.diffusion, strategy, s.optim, s.train.criterion,
+                              with_replay, self.sharding.mesh, s.train.mode == "iid_distill",
+                              s.train.on_nan)
+
+    def memory_batch(self, buffer, k: int, step: int, rows: int):
+        """ER's memory rows of `step` of experience k, flipped like the real rows."""
+        s = self.settings
+        return memory.memory_rows(self.train.images, buffer, rows=rows, seed=s.seed,
+                                  experience=k, step=step, flip=s.data.flip)
+
+    def batches(self, k: int, start: int, total: int) -> gdata.Prefetcher:
+        """The prefetched, sharded batches of steps start..total-1 of experience k (with
+        ER's memory rows)."""
+        s, data = self.settings, self.experience_data(k)
+        extra = None
+        if s.strategy.name == strategies.ER and self.uses_replay(k):
+            buffer = memory.buffer_indices(self.train.labels, self.experiences, k,
+                                           size=s.strategy.er_buffer_size, seed=s.seed)
+            rows = s.strategy.replay_size or s.train.batch_size
+            extra = lambda step: {"memory": self.memory_batch(buffer, k, step, rows)}  # noqa: E731
+        return gdata.batch_iterator(data.images, data.labels, batch_size=s.train.batch_size,
+                                    seed=s.seed, experience=k, start_step=start,
+                                    num_steps=total, flip=s.data.flip,
+                                    drop_last=s.data.drop_last, sharding=self.sharding,
+                                    prefetch=s.data.prefetch, extra=extra)
+
+    @functools.cached_property
+    def test_uint8(self) -> gdata.ImageSplit:
+        """The test split as the reference's FID sees its real images: uint8, resized by
+        PIL (`gdata.load_uint8_split`); read on first use."""
+        d = self.settings.data
+        return gdata.load_uint8_split(d.name, source=d.source, data_dir=d.data_dir,
+                                      image_size=d.image_size, channels=d.channels)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
+                   distill_only, on_nan):
+    """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
+    return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=diffusion.schedule(),
+                           strategy=strategy, optimizer=make_optimizer(optim),
+                           criterion=criterion, with_replay=with_replay, mesh=mesh,
+                           distill_only=distill_only, on_nan=on_nan)
+
+
+def load_data(d: DataSettings) -> tuple[gdata.ImageSplit, gdata.ImageSplit]:
+    """(train, test) of the data settings, preprocessed (gdjax/data/pipeline.py)."""
+    return gdata.load_dataset(d.name, source=d.source, data_dir=d.data_dir,
+                              image_size=d.image_size, channels=d.channels)
+
+
+def build(config, workdir: str) -> Run:
+    """The run of `config` (a ConfigDict, or ready `Settings`): its settings, checked before
+    any data is read, then data, experiences and the batch sharding over every device;
+    nothing is compiled or written."""
+    settings = config if isinstance(config, Settings) else settings_from_config(config)
+    sharding = gdata.data_sharding()
+    devices = sharding.mesh.shape["data"]
+    gdata.check_batch_size(settings.train.batch_size, devices, "train.batch_size")
+    if settings.strategy.replay_size:  # the replay rows are sharded like the batch
+        gdata.check_batch_size(settings.strategy.replay_size, devices, "strategy.replay_size")
+    train, test = load_data(settings.data)
+    if settings.solver is not None:  # the solver's head: every class of the data set
+        solver = dataclasses.replace(settings.solver, num_classes=max(train.classes) + 1)
+        settings = dataclasses.replace(settings, solver=solver)
+    order = gdata.resolve_class_order(len(train.classes), seed=settings.seed,
+                                      fixed_order=settings.data.class_order or None)
+    n_exp = settings.data.n_experiences if settings.train.mode == "continual" else 1
+    return Run(settings=settings, workdir=workdir, train=train, test=test,
+               experiences=gdata.make_experiences(order, n_exp), sharding=sharding,
+               optimizer=make_optimizer(settings.optim),
+               apply_fn=model_apply_fn(settings.unet))
