@@ -286,14 +286,48 @@ MULTI_DEVICE = textwrap.dedent("""
     # Adam divides by sqrt(v): near-zero gradients turn float noise into ~lr * 1e-2 moves.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p1, p8)
     print("OK", float(m1["loss"]), float(m8["loss"]))
+
+    # Evaluation on the same 8 devices: sampling, the classifier's logits and features, and
+    # the scores computed from them equal one device's (no sharding, no mesh).
+    from gdjax.data import data_sharding
+    from gdjax.eval import classifier, metrics, sampling
+    sharding = data_sharding(jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)))
+    cnn = classifier.init_variables("simple_cnn", jax.random.key(4), (16, 16, 1), 10)
+    samples = {}
+    for where in (None, sharding):
+        # 20 samples in batches of 16 rows: the same batches on both, the last one cut
+        samples[where] = sampling.generate(apply_fn, student, make_schedule(),
+                                           jax.random.key(5), num=20, image_shape=(16, 16, 1),
+                                           num_steps=3, batch_size=16, sharding=where)
+    s1, s8 = samples[None], samples[sharding]
+    assert s1.shape == (20, 16, 16, 1) and s1.std() > 0.01
+    # The first DDIM step from t = 999 divides the model's eps error by sqrt(alpha_bar)
+    # (0.0064): float32 rounding of per-device matmul shapes (1e-6) shows as about 1e-4.
+    np.testing.assert_allclose(s1, s8, atol=2e-3)
+    assert np.abs(s1 - s8).mean() < 1e-4
+    scores = []
+    for where in (None, sharding):  # the classifier on the same images, 12 rows a batch
+        logits, features = classifier.classify(cnn, s1 * 2 - 1, arch="simple_cnn",
+                                               batch_size=12, sharding=where)
+        freq = metrics.class_frequencies(np.argmax(logits, -1), 10)
+        mu, sigma = metrics.feature_statistics(features[:10])
+        fd = metrics.frechet_distance(mu, sigma, *metrics.feature_statistics(features[10:]))
+        scores.append((logits, features, freq, fd))
+    (l1, f1, q1, d1), (l8, f8, q8, d8) = scores
+    assert l1.shape == (20, 10) and f1.shape[0] == 20 and np.ptp(l1) > 0
+    np.testing.assert_allclose(l1, l8, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f1, f8, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(q1, q8)
+    np.testing.assert_allclose(d1, d8, rtol=1e-3)
+    print("EVAL OK", d1, d8)
 """)
 
 
-def test_eight_devices_equal_one():
+def test_eight_devices_equal_one_in_training_and_evaluation():
     # The suite's fast-compile flag (conftest.py) kept: compilation dominates this test.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
     out = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK" in out.stdout
+    assert "OK" in out.stdout and "EVAL OK" in out.stdout
