@@ -19,16 +19,8 @@ def get_config(variant: str = "generative_distillation"):
     c = base.get_config()
     c.data.name = "digits"
     c.data.source = "sklearn"
-    c.data.image_size = 16
-    c.model.name = "digits"
+    base.small_cpu_schedule(c)
     c.strategy.lambd = 1.0
-    c.train.batch_size = 64
-    c.train.steps_per_experience = 300
-    c.train.learning_rate = 1e-3
-    c.train.log_every = 50
-    c.train.checkpoint_every = 150
-    c.eval.num_samples = 1000
-    c.eval.batch_size = 500
     c.eval.fid = False  # Inception at 299 px costs ~0.3 s per image on a CPU core
     c.eval.train_classifier = True  # the digits' ResNet-18 trains in about a minute
     # ~290 images per experience: 10 epochs of 16 (180 steps, each replaying 16 images).

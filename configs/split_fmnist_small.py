@@ -31,15 +31,7 @@ from configs import base
 def get_config(variant: str = "generative_distillation"):
     c = base.get_config()
     c.data.name = "fashion_mnist"
-    c.data.image_size = 16
-    c.model.name = "digits"
-    c.train.batch_size = 64
-    c.train.steps_per_experience = 300
-    c.train.learning_rate = 1e-3
-    c.train.log_every = 50
-    c.train.checkpoint_every = 150
-    c.eval.num_samples = 1000
-    c.eval.batch_size = 500
+    base.small_cpu_schedule(c)
     c.eval.fid_at = "last"
     c.eval.train_classifier = True
     c.eval.classifier = "simple_cnn"
