@@ -63,3 +63,16 @@ def compilations():
             yield counts
     finally:
         logger.removeHandler(handler)
+
+
+# The files with the most work (seconds of one worker on 2 cores, --durations), run first:
+# each worker takes the next file when it is free (--dist loadfile), so the long ones do
+# not start last and leave one worker idle at the end.
+HEAVIEST_FIRST = ("test_reliability.py", "test_continual.py", "test_eval_hook.py",
+                  "test_train_step.py", "test_benchmark.py", "test_bf16.py", "test_unet.py",
+                  "test_solver.py", "test_resnet.py", "test_inception.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file

@@ -136,12 +136,6 @@ def main() -> None:
     assert jax.process_count() == args.num_processes, jax.process_count()
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} "
           f"of {jax.device_count()} devices, ready at {time.time() - T0:.1f} s", flush=True)
-    if args.loop_workdir:
-        from gdjax import continual
-        continual.train(loop_config(), args.loop_workdir)  # one workdir, shared by both
-        jax.distributed.shutdown()
-        print(f"process {args.process_id}: loop done at {time.time() - T0:.1f} s", flush=True)
-        return
     from gdjax import data as gdata
     from jax.sharding import AxisType
 
@@ -155,9 +149,13 @@ def main() -> None:
              rows=np.array([rows.start, rows.stop]),
              local_devices=jax.local_device_count(), global_devices=jax.device_count(),
              **{f"param:{k}": v for k, v in flat_params(params).items()})
+    print(f"process {args.process_id}: steps done, losses {losses.tolist()}", flush=True)
+    if args.loop_workdir:  # then a whole run in the same processes (one start for both)
+        from gdjax import continual
+        continual.train(loop_config(), args.loop_workdir)  # one workdir, shared by both
+        print(f"process {args.process_id}: loop done at {time.time() - T0:.1f} s", flush=True)
     if args.num_processes > 1:
         jax.distributed.shutdown()
-    print(f"process {args.process_id}: done, losses {losses.tolist()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from tests import distributed_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 2
+# Two processes started per run of this file: `python -m pytest -q -m slow tests`.
+pytestmark = pytest.mark.slow
 TIMEOUT_S = 180  # measured ~35 s on 2 busy cores; a lost peer otherwise hangs in a collective
 
 
@@ -75,10 +77,12 @@ def start_processes(out, *extra):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """{process id: its npz} from one 2-process run; fails with both processes' output."""
+    """{process id: its npz, "shared": the loop's workdir} from one 2-process launch (the
+    steps, then a whole run in one workdir shared by both); fails with their output."""
     out = tmp_path_factory.mktemp("distributed")
-    start_processes(out)
-    return {i: dict(np.load(out / f"process_{i}.npz")) for i in range(PROCESSES)}
+    start_processes(out, f"--loop_workdir={out / 'shared'}")
+    return {"shared": out / "shared",
+            **{i: dict(np.load(out / f"process_{i}.npz")) for i in range(PROCESSES)}}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,7 @@ def params_of(result) -> dict:
 
 def test_each_process_feeds_only_its_own_rows(results, reference):
     half = worker.BATCH // PROCESSES
-    for i, r in results.items():
+    for i, r in ((i, results[i]) for i in range(PROCESSES)):
         assert (int(r["local_devices"]), int(r["global_devices"])) == (
             LOCAL_DEVICES, PROCESSES * LOCAL_DEVICES)
         np.testing.assert_array_equal(r["rows"], [i * half, (i + 1) * half])
@@ -135,14 +139,13 @@ def test_two_processes_train_like_one(results, reference):
     assert rel < 1e-3, f"relative difference of the 3-step update {rel:.2e} (measured ~1e-4)"
 
 
-def test_a_whole_run_on_two_processes_writes_once_and_ends_like_one(tmp_path):
+def test_a_whole_run_on_two_processes_writes_once_and_ends_like_one(results, tmp_path):
     """continual.train on 2 processes sharing one workdir: process 0 writes the checkpoints,
     rows and params; the run ends like one process's (Adam rounding as above)."""
     from gdjax import continual
     from gdjax.convert import restore_params
     from gdjax.logs import read_metrics
-    shared, alone = tmp_path / "shared", str(tmp_path / "alone")
-    start_processes(tmp_path, f"--loop_workdir={shared}")
+    shared, alone = results["shared"], str(tmp_path / "alone")
     continual.train(worker.loop_config(), alone)
     rows, want = read_metrics(shared, "train"), read_metrics(alone, "train")
     assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, 9))

@@ -141,6 +141,7 @@ def _in_solver_1(workdir):  # experience 0 done and checkpointed; experience 1 n
     assert [r["experience"] for r in read_metrics(workdir, "experience")] == [0]
 
 
+@pytest.mark.slow  # seven process starts: `python -m pytest -q -m slow tests`
 @_ignore_closed_loop
 def test_sigkilled_subprocess_run_ends_equal_to_an_uninterrupted_one(tmp_path):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),

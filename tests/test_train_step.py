@@ -323,6 +323,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess of 8 fake devices: `python -m pytest -q -m slow tests`
 def test_eight_devices_equal_one_in_training_and_evaluation():
     # The suite's fast-compile flag (conftest.py) kept: compilation dominates this test.
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
