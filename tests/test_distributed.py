@@ -76,13 +76,18 @@ def start_processes(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """{process id: its npz, "shared": the loop's workdir} from one 2-process launch (the
-    steps, then a whole run in one workdir shared by both); fails with their output."""
+def launch(tmp_path_factory):
+    """The directory of one 2-process launch: each process's npz of its steps, then `shared/`,
+    the workdir of a whole run both processes share; fails with their output."""
     out = tmp_path_factory.mktemp("distributed")
     start_processes(out, f"--loop_workdir={out / 'shared'}")
-    return {"shared": out / "shared",
-            **{i: dict(np.load(out / f"process_{i}.npz")) for i in range(PROCESSES)}}
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(launch):
+    """{process id: its npz} of the launch's steps."""
+    return {i: dict(np.load(launch / f"process_{i}.npz")) for i in range(PROCESSES)}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +104,7 @@ def params_of(result) -> dict:
 
 def test_each_process_feeds_only_its_own_rows(results, reference):
     half = worker.BATCH // PROCESSES
-    for i, r in ((i, results[i]) for i in range(PROCESSES)):
+    for i, r in results.items():
         assert (int(r["local_devices"]), int(r["global_devices"])) == (
             LOCAL_DEVICES, PROCESSES * LOCAL_DEVICES)
         np.testing.assert_array_equal(r["rows"], [i * half, (i + 1) * half])
@@ -139,13 +144,13 @@ def test_two_processes_train_like_one(results, reference):
     assert rel < 1e-3, f"relative difference of the 3-step update {rel:.2e} (measured ~1e-4)"
 
 
-def test_a_whole_run_on_two_processes_writes_once_and_ends_like_one(results, tmp_path):
+def test_a_whole_run_on_two_processes_writes_once_and_ends_like_one(launch, tmp_path):
     """continual.train on 2 processes sharing one workdir: process 0 writes the checkpoints,
     rows and params; the run ends like one process's (Adam rounding as above)."""
     from gdjax import continual
     from gdjax.convert import restore_params
     from gdjax.logs import read_metrics
-    shared, alone = results["shared"], str(tmp_path / "alone")
+    shared, alone = launch / "shared", str(tmp_path / "alone")
     continual.train(worker.loop_config(), alone)
     rows, want = read_metrics(shared, "train"), read_metrics(alone, "train")
     assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, 9))
