@@ -73,6 +73,8 @@ def get_config() -> ConfigDict:
         teacher_dir="",         # iid_distill: an Orbax params directory (launch/convert.py)
         on_nan="stop",          # stop: raise at the bad step | skip: drop non-finite updates
         reset_optimizer=True,   # Adam afresh each experience (the reference); False: carry it
+        steps_per_call=1,       # k > 1: k steps per dispatch (lax.scan), for small models on
+                                # accelerators; logs, checkpoints and results as with 1
     ))
     c.eval = ConfigDict(dict(
         steps=10,
@@ -98,6 +100,8 @@ def get_config() -> ConfigDict:
         replay_size=0,          # 0: the batch size; replay images come from eval.steps DDIM steps
         replay_loss="forward",  # forward: KD's -sum p_teacher log p_student | reference: the
                                 # authors' -sum p_student log p_teacher (README: the solver)
+        replay_pool=0,          # 0: fresh replay images every step (the reference) | N: N
+                                # images drawn once per experience, visited every epoch
     ))
     c.log = ConfigDict(dict(
         tensorboard=True,

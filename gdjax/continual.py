@@ -173,38 +173,62 @@ def train_solver(loop: Loop, ls: LoopState, k: int) -> LoopState:
     return ls._replace(solver=solver)
 
 
+def call_groups(start: int, total: int, steps_per_call: int, checkpoint_every: int) -> list:
+    """How steps start..total-1 are dispatched (train.steps_per_call): runs of at most
+    `steps_per_call` steps, none across a checkpoint."""
+    groups, s = [], start
+    while s < total:
+        end = min(s + steps_per_call, total, (s // checkpoint_every + 1) * checkpoint_every)
+        groups.append(end - s)
+        s = end
+    return groups
+
+
 def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState:
-    """Steps start..end of experience k, with logging and periodic checkpoints."""
+    """Steps start..end of experience k, with logging and periodic checkpoints; with
+    train.steps_per_call = n > 1, up to n steps per dispatch (`call_groups`), logged,
+    checked and checkpointed at the same steps as one by one."""
     run, t = loop.run, loop.run.settings.train
     total = run.num_steps(k)
-    step = run.step(run.uses_replay(k))
+    per_call = t.steps_per_call
+    groups = call_groups(start, total, per_call, t.checkpoint_every) if per_call > 1 else None
+    step = run.step(run.uses_replay(k), per_call)
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
-    reported, checked = start, start - 1
-    with run.batches(k, start, total) as batches:
-        for s in range(start, total):
+    reported, checked, first = start, start - 1, start
+    with run.batches(k, start, total, groups=groups) as batches:
+        for n in groups or [1] * (total - start):
             batch = next(batches)
             batch.pop("label")  # the generator is unconditional
-            train, metrics = step(ls.train, ls.teacher, batch, ls.key)
+            if groups is None:
+                train, stacked = step(ls.train, ls.teacher, batch, ls.key)
+            else:
+                train, stacked = step(ls.train, ls.teacher, batch, np.int32(n), ls.key)
             ls = ls._replace(train=train)
-            if loop.callbacks.after_step is not None:  # the update exists only in memory
-                loop.callbacks.after_step(k, s)
-            logs = (s + 1) % t.log_every == 0 or s + 1 == total
-            saves = (s + 1) % t.checkpoint_every == 0 and s + 1 < total
-            if not (logs or saves):
-                continue
-            values = {name: float(v) for name, v in jax.device_get(metrics).items()}
-            if t.on_nan == "stop":
-                # Also before a checkpoint: a NaN between logging steps must never be saved.
-                _check_finite(values, k, s, int(train.step), since=checked)
-                checked = s
-            if logs:
-                if t.on_nan == "skip":
-                    values["skipped"] = int(train.skipped)  # updates dropped so far
-                log_row(loop, "train", int(train.step), {"experience": k, **values})
-                progress.update(s + 1 - reported, loss=values["loss"])
-                reported = s + 1
-            if saves:
-                save(loop, ls, experience=k, step=s + 1)
+            for j in range(n):
+                s = first + j
+                if loop.callbacks.after_step is not None:  # the update exists only in memory
+                    loop.callbacks.after_step(k, s)
+                logs = (s + 1) % t.log_every == 0 or s + 1 == total
+                saves = (s + 1) % t.checkpoint_every == 0 and s + 1 < total
+                if not (logs or saves):
+                    continue
+                values = jax.device_get(stacked if groups is None else
+                                        jax.tree.map(lambda v, j=j: v[j], stacked))
+                values = {name: float(v) for name, v in values.items()}
+                if t.on_nan == "stop":
+                    # Also before a checkpoint: a NaN between logging steps must never be saved.
+                    _check_finite(values, k, s, int(train.step) - n + 1 + j, since=checked)
+                    checked = s
+                if logs:
+                    if t.on_nan == "skip":  # updates dropped so far, as of this step
+                        values["skipped"] = int(values["skipped"])
+                    log_row(loop, "train", int(train.step) - n + 1 + j,
+                            {"experience": k, **values})
+                    progress.update(s + 1 - reported, loss=values["loss"])
+                    reported = s + 1
+                if saves:  # only at the end of a call (`call_groups`)
+                    save(loop, ls, experience=k, step=s + 1)
+            first += n
     progress.close()
     return ls
 

@@ -37,6 +37,8 @@ STREAMS = {
     "solver_step": 13,      # jax (experience): folded with the solver step
     "solver_order": 14,     # numpy (experience, epoch)
     "solver_flip": 15,      # numpy (experience, epoch, step)
+    "solver_pool": 19,      # jax (experience): solver.replay_pool's samples, folded per chunk
+    "solver_pool_order": 20,  # numpy (experience, epoch): the pool rows' order
     # the evaluation classifier (REFERENCE §7)
     "classifier_init": 16,
     "classifier_step": 17,  # jax: folded with the classifier step

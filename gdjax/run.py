@@ -138,12 +138,14 @@ class TrainSettings:
     teacher_dir: str
     on_nan: str
     reset_optimizer: bool
+    steps_per_call: int
 
     def __post_init__(self):
         _one_of(self.mode, MODES, "train.mode")
         _one_of(self.criterion, losses.CRITERIA, "train.criterion")
         _one_of(self.on_nan, ON_NAN, "train.on_nan")
-        _positive(self, "train", "batch_size", "log_every", "checkpoint_every", "max_to_keep")
+        _positive(self, "train", "batch_size", "log_every", "checkpoint_every", "max_to_keep",
+                  "steps_per_call")
         _bools(self, "train", "reset_optimizer")
         _require(self.steps_per_experience > 0 or self.epochs_per_experience > 0,
                  "set train.steps_per_experience or train.epochs_per_experience to a "
@@ -233,7 +235,7 @@ def _solver(config) -> SolverConfig | None:
     return SolverConfig(strategy=strategy, epochs=s.epochs, batch_size=s.batch_size,
                         learning_rate=s.learning_rate, temperature=s.temperature,
                         gen_steps=config.eval.steps, replay_size=s.replay_size,
-                        replay_loss=s.replay_loss)
+                        replay_loss=s.replay_loss, replay_pool=s.replay_pool)
 
 
 def settings_from_config(config) -> Settings:
@@ -351,14 +353,15 @@ class Run:
         return k > 0 and self.settings.strategy.name not in (strategies.NAIVE,
                                                              strategies.CUMULATIVE)
 
-    def step(self, with_replay: bool):
-        """The compiled train step: plain (first experience) or with the replay half."""
+    def step(self, with_replay: bool, steps: int = 1):
+        """The compiled train step: plain (first experience) or with the replay half;
+        `steps` > 1 runs that many in one call (`make_train_step`, train.steps_per_call)."""
         s = self.settings
         # The plain step is the same for every strategy: share its compilation.
         strategy = s.strategy if with_replay else StrategyConfig(strategies.NAIVE)
         return _compiled_step(s.unet, s.diffusion, strategy, s.optim, s.train.criterion,
                               with_replay, self.sharding.mesh, s.train.mode == "iid_distill",
-                              s.train.on_nan)
+                              s.train.on_nan, steps)
 
     def memory_batch(self, buffer, k: int, step: int, rows: int):
         """ER's memory rows of `step` of experience k, flipped like the real rows."""
@@ -366,9 +369,10 @@ class Run:
         return memory.memory_rows(self.train.images, buffer, rows=rows, seed=s.seed,
                                   experience=k, step=step, flip=s.data.flip)
 
-    def batches(self, k: int, start: int, total: int) -> gdata.Prefetcher:
+    def batches(self, k: int, start: int, total: int, groups=None) -> gdata.Prefetcher:
         """The prefetched, sharded batches of steps start..total-1 of experience k (with
-        ER's memory rows)."""
+        ER's memory rows); `groups`: see `gdata.batch_iterator` (padded to
+        train.steps_per_call)."""
         s, data = self.settings, self.experience_data(k)
         extra = None
         if s.strategy.name == strategies.ER and self.uses_replay(k):
@@ -380,7 +384,8 @@ class Run:
                                     seed=s.seed, experience=k, start_step=start,
                                     num_steps=total, flip=s.data.flip,
                                     drop_last=s.data.drop_last, sharding=self.sharding,
-                                    prefetch=s.data.prefetch, extra=extra)
+                                    prefetch=s.data.prefetch, extra=extra, groups=groups,
+                                    group_size=s.train.steps_per_call)
 
     @functools.cached_property
     def test_uint8(self) -> gdata.ImageSplit:
@@ -393,12 +398,12 @@ class Run:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
-                   distill_only, on_nan):
+                   distill_only, on_nan, steps=1):
     """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
     return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=diffusion.schedule(),
                            strategy=strategy, optimizer=make_optimizer(optim),
                            criterion=criterion, with_replay=with_replay, mesh=mesh,
-                           distill_only=distill_only, on_nan=on_nan)
+                           distill_only=distill_only, on_nan=on_nan, steps=steps)
 
 
 def load_data(d: DataSettings) -> tuple[gdata.ImageSplit, gdata.ImageSplit]:

@@ -150,8 +150,19 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
 def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
                     optimizer: optax.GradientTransformation, criterion: str = "mse",
                     with_replay: bool = True, mesh: Mesh | None = None,
-                    distill_only: bool = False, on_nan: str = "stop"):
+                    distill_only: bool = False, on_nan: str = "stop", steps: int = 1):
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
+
+    `steps` = k > 1 (train.steps_per_call) gives `(state, teacher_params, batches, count,
+    rng) -> (state, metrics)` instead: the first `count` (<= k, traced) of k batches stacked
+    on a leading axis ([k, B, ...]; with a `mesh`, split over 'data' on the second axis) are
+    trained on one after the other in a `lax.fori_loop`, with the random numbers of single
+    steps, and the metrics come back stacked ([k]; rows past `count` are 0). One function
+    for every count: a run compiles it once per experience, and any k > 1, any split of the
+    steps into calls, gives the same run bit for bit. A loop body is compiled apart from a
+    top-level step, so against k = 1 the results agree to float32 rounding, not bitwise;
+    and on XLA:CPU a loop body of this model runs about 15x slower than the plain step
+    (BENCHMARKS.md), so k > 1 is for accelerators, where dispatch is the bound.
 
     `on_nan="skip"` keeps the old params and optimizer state when the loss or the gradient
     norm is not finite and counts the dropped update in `state.skipped`; "stop" applies
@@ -189,10 +200,38 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
             skipped = skipped + (~ok).astype(jnp.int32)
         metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
                    "grad_norm": grad_norm}
+        if on_nan == "skip":
+            metrics["skipped"] = skipped  # updates dropped so far, this one included
         return TrainState(state.step + 1, state.experience, params, opt_state, skipped), metrics
 
+    fn, shardings = train_step, (rows_sharding,)
+    if steps > 1:
+        fn = _stepper(train_step)
+        shardings = (NamedSharding(mesh, P(None, "data")) if mesh is not None else None,
+                     NamedSharding(mesh, P()) if mesh is not None else None)
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0,))
+        return jax.jit(fn, donate_argnums=(0,))
     same = NamedSharding(mesh, P())
-    return jax.jit(train_step, donate_argnums=(0,),
-                   in_shardings=(same, same, rows_sharding, same), out_shardings=(same, same))
+    return jax.jit(fn, donate_argnums=(0,), in_shardings=(same, same, *shardings, same),
+                   out_shardings=(same, same))
+
+
+def _stepper(train_step: Callable) -> Callable:
+    """`train_step` run `count` times over stacked batches (see `make_train_step`)."""
+
+    def train_steps(state: TrainState, teacher_params, batches, count, rng):
+        k = jax.tree.leaves(batches)[0].shape[0]
+        first = jax.tree.map(lambda v: v[0], batches)
+        shapes = jax.eval_shape(lambda: train_step(state, teacher_params, first, rng)[1])
+        stacked = jax.tree.map(lambda a: jnp.zeros((k,) + a.shape, a.dtype), shapes)
+
+        def body(i, carry):
+            state, stacked = carry
+            batch = jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, keepdims=False),
+                                 batches)
+            state, metrics = train_step(state, teacher_params, batch, rng)
+            return state, jax.tree.map(lambda a, v: a.at[i].set(v), stacked, metrics)
+
+        return jax.lax.fori_loop(0, count, body, (state, stacked))
+
+    return train_steps

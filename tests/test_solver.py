@@ -117,6 +117,13 @@ def test_step_replays_the_previous_generator_labelled_by_the_previous_solver(gen
         np.testing.assert_array_equal(a, b)
     moved = [not np.array_equal(a, b) for a, b in zip(leaves(new_state.params), before)]
     assert all(moved)
+    # solver.replay_pool: the same rows handed in ready give the same loss, bit for bit.
+    pooled = solver.make_step(cfg, None, True, pooled=True)
+    teacher = cls.init_classifier(jax.random.key(1), (16, 16, 1), 10)  # the first was donated
+    state = solver.init_state(cfg, jax.random.key(0), (16, 16, 1))._replace(teacher=teacher)
+    _, pooled_loss = pooled(state, replay, None, images, labels, mask, jnp.int32(experience),
+                            rng)
+    assert float(pooled_loss) == float(loss)
 
 
 def test_bad_solver_settings_are_named(tmp_path):
@@ -183,8 +190,8 @@ class FakeSteps:
     def __init__(self, losses=()):
         self.made, self.calls, self.losses = [], [], list(losses)
 
-    def __call__(self, cfg, gen_apply, with_replay, mesh=None):
-        self.made.append((gen_apply, with_replay))
+    def __call__(self, cfg, gen_apply, with_replay, mesh=None, pooled=False):
+        self.made.append((gen_apply, with_replay) + ((True,) if pooled else ()))
 
         def step(state, gen_params, schedule, images, labels, mask, experience, rng):
             self.calls.append(dict(state=state, gen_params=gen_params, schedule=schedule,
@@ -327,3 +334,43 @@ def test_simple_cnn_starts_as_torch_initialises_it():
                 assert np.std(theirs) == pytest.approx(bound / np.sqrt(3), rel=0.05)
     other = cls.init_classifier(jax.random.key(1), (16, 16, 1), 10)
     assert not np.array_equal(other["conv1"]["bias"], params["conv1"]["bias"])
+
+
+def test_replay_pool_is_drawn_once_per_experience_and_visited_every_epoch(generator,
+                                                                         monkeypatch):
+    """solver.replay_pool = 7 with 3 replay rows a step: the pool is the previous generator's
+    samples in chunks of 3 (chunk i from the "solver_pool" key at (experience, i)), cut to
+    7; each step gets 3 of its rows in the epoch's "solver_pool_order" order, wrapping
+    around; the compiled step is the pooled one, and the generator is not run per step."""
+    gen_apply, gen_params = generator
+    schedule = make_schedule()
+    cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2, replay_pool=7, epochs=2)
+    pool = solver.replay_pool(cfg, gen_apply, gen_params, schedule, seed=5, experience=2,
+                              image_shape=(16, 16, 1), batch_size=4)
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(5), 19), 2)
+    want = np.concatenate([solver.generate_replay(
+        gen_apply, gen_params, schedule, jax.random.fold_in(base, i), shape=(3, 16, 16, 1),
+        num_steps=2) for i in range(3)])[:7]
+    assert pool.shape == (7, 16, 16, 1)
+    np.testing.assert_allclose(pool, want, rtol=0, atol=1e-6)
+
+    fake = FakeSteps()
+    monkeypatch.setattr(solver, "make_step", fake)
+    drawn = []
+    monkeypatch.setattr(solver, "replay_pool",
+                        lambda *a, **kw: (drawn.append(kw["experience"]), pool)[1])
+    images = np.zeros((10, 16, 16, 1), np.float32)
+    solver.train_experience(cfg, solver.SolverState({"w": jnp.ones(2)}, None, None),
+                            images=images, labels=np.zeros(10, np.int32), experience=2, seed=5,
+                            with_replay=True, gen_apply=gen_apply, gen_params=gen_params,
+                            schedule=schedule)
+    assert drawn == [2] and fake.made == [(None, True, True)]
+    assert len(fake.calls) == 6  # 2 epochs of 3 steps
+    for epoch in range(2):
+        order = np.random.default_rng([5, 20, 2, 2, epoch]).permutation(7)
+        got = np.concatenate([c["gen_params"] for c in fake.calls[3 * epoch:3 * epoch + 3]])
+        np.testing.assert_array_equal(got, pool[order[np.arange(9) % 7]])
+    assert all(c["schedule"] is None for c in fake.calls)
+    with pytest.raises(ValueError, match=r"solver.replay_pool=-1 must be an integer >= 0 "
+                       r"\(0: fresh replay images every step\)"):
+        solver.SolverConfig(replay_pool=-1)

@@ -378,23 +378,53 @@ class Prefetcher(Iterator):
         self.close()
 
 
+def shard_group(batch: dict[str, np.ndarray], sharding):
+    """`shard_batch` for batches stacked on a leading step axis ([n, local rows, ...]): the
+    rows split over 'data' on the second axis (train.steps_per_call)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    stacked = NamedSharding(sharding.mesh, P(None, "data"))
+    out = {}
+    for name, value in batch.items():
+        shape = (value.shape[0], value.shape[1] * jax.process_count()) + value.shape[2:]
+        check_batch_size(shape[1], sharding.mesh.shape["data"])
+        out[name] = jax.make_array_from_process_local_data(stacked, value, shape)
+    return out
+
+
 def _batches(images, labels, steps, *, batch_size, seed, experience, flip, drop_last,
-             sharding, extra):
+             sharding, extra, groups=None, group_size=None):
     rows = slice(None) if sharding is None else local_rows(sharding, batch_size)
-    for step in steps:
+
+    def one(step):
         batch = host_batch(images, labels, step, batch_size=batch_size, seed=seed,
                            experience=experience, flip=flip, drop_last=drop_last, rows=rows)
         if extra is not None:  # global rows: keep this process's share of each
             batch.update({name: value if sharding is None
                           else value[local_rows(sharding, len(value))]
                           for name, value in extra(step).items()})
-        yield batch if sharding is None else shard_batch(batch, sharding)
+        return batch
+
+    if groups is None:
+        for step in steps:
+            batch = one(step)
+            yield batch if sharding is None else shard_batch(batch, sharding)
+        return
+    steps, size = iter(steps), group_size or max(groups)
+    for n in groups:
+        parts = [one(next(steps)) for _ in range(n)]
+        batch = {name: np.stack([p[name] for p in parts]
+                                + [np.zeros_like(parts[0][name])] * (size - n))
+                 for name in parts[0]}
+        yield batch if sharding is None else shard_group(batch, sharding)
 
 
 def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
                    experience: int, start_step: int = 0, num_steps: int | None = None,
                    flip: bool = False, drop_last: bool = False, sharding=None,
-                   prefetch: int = 2, extra=None) -> Prefetcher:
+                   prefetch: int = 2, extra=None, groups=None,
+                   group_size: int | None = None) -> Prefetcher:
     """Batches at steps start_step, ..., num_steps - 1 (forever if None) of `experience`.
 
     Each is `host_batch`'s {"image": float32 [B, H, W, C], "label": int32 [B], "mask":
@@ -402,8 +432,11 @@ def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, s
     jax.Arrays sharded along the batch, placed on the devices by the background thread.
     `extra(step)`, if given, adds host arrays to each batch before it is placed (this
     process's rows of them; e.g. ER's memory rows). `num_steps` is the experience's total,
-    so a run resumed at step s passes the same `num_steps` and `start_step=s`. Close the
-    iterator (or use it in a `with`) to stop its thread.
+    so a run resumed at step s passes the same `num_steps` and `start_step=s`. `groups`
+    (train.steps_per_call), sizes that sum to the steps: each yields the next n steps'
+    batches as one, stacked on a new leading axis and padded with zeros to `group_size`
+    (default: the largest; sharded by `shard_group`). Close the iterator (or use it in a `with`) to stop
+    its thread.
     """
     steps_per_epoch(len(labels), batch_size, drop_last=drop_last)  # fail here, not in the thread
     if sharding is not None:
@@ -411,5 +444,6 @@ def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, s
     steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
     return Prefetcher(_batches(images, labels, steps, batch_size=batch_size, seed=seed,
                                experience=experience, flip=flip, drop_last=drop_last,
-                               sharding=sharding, extra=extra),
+                               sharding=sharding, extra=extra, groups=groups,
+                               group_size=group_size),
                       size=prefetch)

@@ -13,7 +13,11 @@ same experience. Its strategy follows the generator's:
   log_softmax(teacher/T)_c): note the direction, as the baseline implements it.
 
 The replay images, the teacher's labels and the student's update run in one jitted step
-whose frozen inputs (previous generator, previous solver) are explicit arguments. Adam
+whose frozen inputs (previous generator, previous solver) are explicit arguments. With
+`replay_pool = N` (not the reference) the previous generator draws N replay images once per
+experience instead, and every epoch visits them in a seeded order, R per step: the samples
+cost N / (epochs * steps per epoch * R) of the reference's, so that a small machine can give
+the solver the epochs it needs (their labels are the same frozen teacher's). Adam
 starts afresh each experience (avalanche resets the optimizer), dropout is on in training,
 and every epoch visits a seeded permutation in batches, the last one partial as in the
 reference's loaders (padded to the batch size and masked, so the step compiles once). The losses of an epoch are fetched to the host once, at its end, and
@@ -60,6 +64,7 @@ class SolverConfig:
     replay_size: int = 0  # 0: the batch size
     num_classes: int = 10
     replay_loss: str = "forward"  # or "reference" (REPLAY_LOSSES)
+    replay_pool: int = 0  # 0: fresh replay images every step (the reference); N: N per experience
 
     def __post_init__(self):
         if self.replay_loss not in REPLAY_LOSSES:
@@ -72,9 +77,11 @@ class SolverConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"solver.{name}={value!r} must be an integer >= 1.")
-        if not (isinstance(self.replay_size, int) and self.replay_size >= 0):
-            raise ValueError(f"solver.replay_size={self.replay_size!r} must be an integer >= 0 "
-                             f"(0: the batch size).")
+        for name, zero in (("replay_size", "the batch size"),
+                           ("replay_pool", "fresh replay images every step")):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"solver.{name}={value!r} must be an integer >= 0 (0: {zero}).")
         finite = all(isinstance(v, (int, float)) and math.isfinite(v)
                      for v in (self.temperature, self.learning_rate))
         if not finite or not self.temperature > 0 or not self.learning_rate > 0:
@@ -151,11 +158,50 @@ def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *,
 
 
 @functools.lru_cache(maxsize=8)
-def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, mesh=None):
+def _pool_chunk(gen_apply: Callable, rows: int, num_steps: int, mesh=None):
+    """jit: (gen_params, schedule, key, x-shaped zeros) -> `rows` replay images, sharded."""
+    rows_sharding, same = shardings(mesh)
+
+    def chunk(gen_params, schedule, key, like):
+        return generate_replay(gen_apply, gen_params, schedule, key, shape=like.shape,
+                               num_steps=num_steps)
+
+    return jax.jit(chunk, in_shardings=(same, same, same, rows_sharding),
+                   out_shardings=rows_sharding)
+
+
+def replay_pool(cfg: SolverConfig, gen_apply: Callable, gen_params, schedule: Schedule, *,
+                seed: int, experience: int, image_shape: tuple, batch_size: int) -> np.ndarray:
+    """The `cfg.replay_pool` replay images [N, H, W, C] of an experience (solver.replay_pool),
+    drawn by the previous generator as the fresh replay is (`generate_replay`), in chunks of
+    the replay rows R: chunk i from the stream "solver_pool" at (experience, i)."""
+    rows = cfg.replay_size or batch_size
+    rows_sharding, _ = shardings()
+    fn = _pool_chunk(gen_apply, rows, cfg.gen_steps)
+    like = gdata.global_rows(np.zeros((rows,) + tuple(image_shape), np.float32), rows_sharding)
+    base = rng.key(seed, "solver_pool", experience)
+    chunks = [hosts.host_copy(fn(gen_params, schedule, jax.random.fold_in(base, i), like))
+              for i in range(-(-cfg.replay_pool // rows))]
+    return np.concatenate(chunks)[:cfg.replay_pool]
+
+
+def pool_rows(pool: np.ndarray, *, seed: int, experience: int, epoch: int, step: int,
+              rows: int) -> np.ndarray:
+    """The replay rows of a step from the experience's pool: the epoch's order (stream
+    "solver_pool_order" at (experience, epoch)) taken R at a time, wrapping around."""
+    order = rng.numpy_rng(seed, "solver_pool_order", experience, epoch).permutation(len(pool))
+    return pool[order[np.arange(step * rows, (step + 1) * rows) % len(pool)]]
+
+
+@functools.lru_cache(maxsize=8)
+def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, mesh=None,
+              pooled: bool = False):
     """The jitted step `(state, gen_params, schedule, images, labels, mask, experience, rng)
     -> (state, loss)`; `mask` [B] marks the real rows (1) of a padded batch; `gen_params`
     (the previous generator) and `schedule` are only read `with_replay` (pass None
-    otherwise). Cached per setting: `gen_apply` must be stable."""
+    otherwise). `pooled` (solver.replay_pool): the step's replay rows [R, H, W, C] come
+    ready in place of `gen_params`, and `schedule` is None. Cached per setting: `gen_apply`
+    must be stable."""
     model, optimizer = cls.SimpleCNN(num_classes=cfg.num_classes), make_optimizer(cfg)
 
     def loss_fn(params, teacher, images, labels, mask, replay, experience, rng):
@@ -174,8 +220,8 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, 
     def solver_step(state: SolverState, gen_params, schedule, images, labels, mask, experience,
                     rng):
         k_gen, k_drop = jax.random.split(rng)
-        replay = None
-        if with_replay:
+        replay = gen_params if pooled else None
+        if with_replay and not pooled:
             rows = cfg.replay_size or images.shape[0]
             replay = generate_replay(gen_apply, gen_params, schedule, k_gen,
                                      shape=(rows,) + images.shape[1:], num_steps=cfg.gen_steps)
@@ -189,7 +235,8 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, 
     # (a misplaced input is an error, not a silent second compilation).
     rows, same = shardings(mesh)
     return jax.jit(solver_step, donate_argnums=(0,),
-                   in_shardings=(same, same, same, rows, rows, rows, same, same),
+                   in_shardings=(same, rows if pooled else same, same, rows, rows, rows, same,
+                                 same),
                    out_shardings=(same, same))
 
 
@@ -233,13 +280,20 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     afresh. Each epoch visits the named stream "solver_order" permutation in batches of
     `cfg.batch_size`, the last one partial (padded and masked) unless `drop_last`; `flip`
     mirrors rows as the generator's batches are (stream "solver_flip"); dropout and replay
-    keys come from the stream "solver_step". A rerun is identical.
+    keys come from the stream "solver_step" (with `cfg.replay_pool`, the replay rows from
+    `replay_pool` and `pool_rows`). A rerun is identical.
     """
     batch = min(cfg.batch_size, len(images))
     if batch < 1:
         raise ValueError(f"experience {experience} has no training images for the solver")
-    step_fn = make_step(cfg, gen_apply if with_replay else None, with_replay)
+    pooled = with_replay and cfg.replay_pool > 0
+    step_fn = make_step(cfg, gen_apply if with_replay and not pooled else None, with_replay,
+                        pooled=pooled)
     frozen = (gen_params, schedule) if with_replay else (None, None)
+    if pooled:
+        pool = replay_pool(cfg, gen_apply, gen_params, schedule, seed=seed,
+                           experience=experience, image_shape=images.shape[1:],
+                           batch_size=batch)
     # On the mesh, like the step's outputs: arrays of another placement (a fresh optimizer
     # state) would make the second step of every experience compile again.
     rows_sharding, same = shardings()
@@ -258,6 +312,9 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
                 mask = rng.numpy_rng(seed, "solver_flip", experience, epoch, i).random(len(rows))
                 x = gdata.flip_rows(x, mask < 0.5)
             real = (np.arange(batch) < len(rows)).astype(np.float32)
+            if pooled:
+                frozen = (place(pool_rows(pool, seed=seed, experience=experience, epoch=epoch,
+                                          step=i, rows=cfg.replay_size or batch)), None)
             state, loss = step_fn(state, *frozen, place(gdata.pad_rows(x, batch)),
                                   place(gdata.pad_rows(labels[rows], batch)), place(real),
                                   jnp.int32(experience),
