@@ -61,6 +61,7 @@ class BenchConfig:
     rows: tuple[str, ...] = ROWS
     torch: bool = True
     torch_threads: int = os.cpu_count() or 1
+    steps_per_call: int = 1  # gdjax's train rows: k steps per call (train.steps_per_call)
 
 
 @dataclasses.dataclass
@@ -192,22 +193,26 @@ def _jax_train_call(cfg: BenchConfig, row: str, config, params, schedule):
     """(compiled step, a no-argument call running it, the compiled program's flops)."""
     strategy = strategies.StrategyConfig(name=_ROW_STRATEGY[row], teacher_steps=cfg.teacher_steps)
     optimizer = make_optimizer(OptimConfig())
+    k = cfg.steps_per_call
     step = make_train_step(apply_fn=model_apply_fn(config), schedule=schedule,
                            strategy=strategy, optimizer=optimizer,
-                           with_replay=row not in (PLAIN, PLAIN_2B))
+                           with_replay=row not in (PLAIN, PLAIN_2B), steps=k)
     rows = 2 * cfg.batch if row == PLAIN_2B else cfg.batch
     size, ch = config.sample_size, config.in_channels
     batch = {"image": jax.random.uniform(jax.random.key(1), (rows, size, size, ch),
                                          minval=-1.0, maxval=1.0)}
+    if k > 1:  # k batches stacked, all k steps run: (..., batches, count, rng)
+        batch = {"image": jnp.broadcast_to(batch["image"], (k,) + batch["image"].shape)}
     teacher = jax.tree.map(jnp.copy, params)  # the state is donated: keep separate buffers
     holder = {"state": init_state(jax.tree.map(jnp.copy, params), optimizer, experience=1)}
     rng = jax.random.key(2)
+    extra = (np.int32(k),) if k > 1 else ()  # the step count of a k-step call
     start = time.perf_counter()
-    compiled = step.lower(holder["state"], teacher, batch, rng).compile()
+    compiled = step.lower(holder["state"], teacher, batch, *extra, rng).compile()
     compile_s = time.perf_counter() - start
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], teacher, batch, rng)
+        holder["state"], metrics = compiled(holder["state"], teacher, batch, *extra, rng)
         return holder["state"], metrics
 
     return call, compile_s, compiled_flops(compiled)
@@ -243,6 +248,8 @@ def jax_rows(cfg: BenchConfig, fwd_per_image: float | None) -> list[Timing]:
             call, compile_s, xla_flops = _jax_train_call(cfg, row, config, params, schedule)
         times, warm = time_calls(call, iters=cfg.iters, warmup=cfg.warmup,
                                  sync=jax.block_until_ready)
+        if row != SAMPLE and cfg.steps_per_call > 1:  # per train step, as the other rows
+            times = [t / cfg.steps_per_call for t in times]
         out.append(Timing(row, "gdjax", times, compile_s, row_work(row, cfg.batch,
                                                                   cfg.teacher_steps)[0],
                           row_flops(row, cfg.batch, cfg.teacher_steps, fwd_per_image),

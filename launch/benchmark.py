@@ -32,6 +32,8 @@ flags.DEFINE_list("rows", list(_ROW_KEYS), f"Rows to time, of {list(_ROW_KEYS)}.
 flags.DEFINE_bool("skip_torch", False, "Time gdjax only.")
 flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads (the CPU cores).")
 flags.DEFINE_string("json", None, "Where to write the raw results.")
+flags.DEFINE_integer("steps_per_call", 1, "gdjax's train rows: steps per dispatch "
+                     "(train.steps_per_call); times are per step.")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +45,8 @@ def main(argv):
     cfg = benchmark.BenchConfig(
         model=FLAGS.model, batch=FLAGS.batch, iters=FLAGS.iters, warmup=FLAGS.warmup,
         teacher_steps=FLAGS.teacher_steps, dtype=FLAGS.dtype, torch=not FLAGS.skip_torch,
-        torch_threads=FLAGS.threads, rows=tuple(_ROW_KEYS[r] for r in FLAGS.rows))
+        torch_threads=FLAGS.threads,
+        steps_per_call=FLAGS.steps_per_call, rows=tuple(_ROW_KEYS[r] for r in FLAGS.rows))
     result = benchmark.run(cfg)
     print(result["table"])
     print(f"load average (1, 5, 15 min): start {result['load_average_start']}, "

@@ -151,3 +151,24 @@ def test_peak_rss_sees_a_large_allocation_and_resets():
     assert peak >= base + 30 * 2**20
     benchmark.reset_peak_rss()
     assert benchmark.max_rss_bytes() < peak
+
+
+def test_steps_per_call_rows_time_k_steps_and_report_per_step(monkeypatch):
+    """--steps_per_call=3: the train row's compiled call runs 3 steps (its state's step
+    counter moves by 3 a call) and the table's times are per step (a third of each call)."""
+    seen = []
+    real_time_calls = benchmark.time_calls
+
+    def recording(call, **kw):
+        times, warm = real_time_calls(call, **kw)
+        state, metrics = call()
+        seen.append((int(state.step), np.asarray(metrics["loss"]).shape, times))
+        return times, warm
+
+    monkeypatch.setattr(benchmark, "time_calls", recording)
+    cfg = benchmark.BenchConfig(model="tiny", batch=2, iters=2, warmup=0, torch=False,
+                                rows=(benchmark.PLAIN,), steps_per_call=3)
+    [timing] = benchmark.jax_rows(cfg, None)
+    step, shape, per_call = seen[0]
+    assert step == 3 * (2 + 1) and shape == (3,)  # 2 timed calls and ours, 3 steps each
+    assert timing.times_s == pytest.approx([t / 3 for t in per_call])
