@@ -192,7 +192,7 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
     total = run.num_steps(k)
     per_call = t.steps_per_call
     groups = call_groups(start, total, per_call, t.checkpoint_every) if per_call > 1 else None
-    step = run.step(run.uses_replay(k), per_call)
+    step = run.step(run.uses_replay(k), *([per_call] if per_call > 1 else []))
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
     reported, checked, first = start, start - 1, start
     with run.batches(k, start, total, groups=groups) as batches:

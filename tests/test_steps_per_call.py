@@ -58,6 +58,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # three short runs with loop bodies, slow on XLA:CPU: `pytest -m slow`
 def test_steps_per_call_give_the_same_run(runs):
     """8 steps per experience, a row every step. 4 steps per call, with checkpoints every 5
     (calls of 4, 1, 3 in each experience) or every 3 (3, 3, 2), give the same params and
@@ -86,6 +87,7 @@ def test_steps_per_call_give_the_same_run(runs):
         sorted(os.listdir(os.path.join(four_dir, "checkpoints")))
 
 
+@pytest.mark.slow
 def test_a_run_killed_inside_a_call_resumes_to_the_same_end(runs, tmp_path):
     """Killed while the call of experience 1's steps 5..7 is reported (after step 6): the
     resume starts from the checkpoint at its step 5 and ends as the whole run does, bit for
