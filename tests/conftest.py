@@ -68,8 +68,7 @@ def compilations():
 # The files with the most work (seconds of one worker on 2 cores, --durations), run first:
 # each worker takes the next file when it is free (--dist loadfile), so the long ones do
 # not start last and leave one worker idle at the end.
-HEAVIEST_FIRST = ("test_reliability.py", "test_continual.py", "test_steps_per_call.py",
-                  "test_eval_hook.py",
+HEAVIEST_FIRST = ("test_reliability.py", "test_continual.py", "test_eval_hook.py",
                   "test_train_step.py", "test_benchmark.py", "test_bf16.py", "test_unet.py",
                   "test_solver.py", "test_resnet.py", "test_inception.py", "test_report.py")
 
