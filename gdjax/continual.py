@@ -215,15 +215,15 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
                 values = jax.device_get(stacked if groups is None else
                                         jax.tree.map(lambda v, j=j: v[j], stacked))
                 values = {name: float(v) for name, v in values.items()}
+                done = int(train.step) - n + 1 + j  # the global step count after step s
                 if t.on_nan == "stop":
                     # Also before a checkpoint: a NaN between logging steps must never be saved.
-                    _check_finite(values, k, s, int(train.step) - n + 1 + j, since=checked)
+                    _check_finite(values, k, s, done, since=checked)
                     checked = s
                 if logs:
                     if t.on_nan == "skip":  # updates dropped so far, as of this step
                         values["skipped"] = int(values["skipped"])
-                    log_row(loop, "train", int(train.step) - n + 1 + j,
-                            {"experience": k, **values})
+                    log_row(loop, "train", done, {"experience": k, **values})
                     progress.update(s + 1 - reported, loss=values["loss"])
                     reported = s + 1
                 if saves:  # only at the end of a call (`call_groups`)

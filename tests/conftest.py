@@ -7,6 +7,7 @@ Must run before jax is imported, hence here.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,11 +38,11 @@ def no_system_data(monkeypatch, tmp_path_factory):
                         {name: os.path.join(empty, name) for name in sources.SYSTEM_DIRS})
 
 
-@pytest.fixture
-def compilations():
-    """A Counter of the XLA compilations during the test by function name ("train_step",
-    "solver_step", "sample", ...), read from jax.log_compiles' records: a compile-once check
-    through JAX's own logging."""
+@contextlib.contextmanager
+def recording_compilations():
+    """Yields a Counter of the XLA compilations inside the block by function name
+    ("train_step", "solver_step", "sample", ...), read from jax.log_compiles' records: a
+    compile-once check through JAX's own logging."""
     import collections
     import logging
     import re
@@ -63,6 +64,13 @@ def compilations():
             yield counts
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def compilations():
+    """`recording_compilations` over the whole test."""
+    with recording_compilations() as counts:
+        yield counts
 
 
 # The files with the most work (seconds of one worker on 2 cores, --durations), run first:

@@ -10,6 +10,7 @@ import pytest
 
 from gdjax import continual
 from gdjax.logs import read_metrics
+from tests.conftest import recording_compilations
 from tests.helpers import leaves, tiny_config
 
 
@@ -31,29 +32,10 @@ def _config(n, checkpoint_every=5):
 def runs(tmp_path_factory):
     """{name: (final state, workdir, compilations during the run)}: one step per call, 4
     per call, and 4 per call with checkpoints every 3 steps (other calls: 3, 3, 2)."""
-    import collections
-    import logging
-    import re
-
-    import jax
-
     out, root = {}, tmp_path_factory.mktemp("steps_per_call")
     for name, n, every in (("one", 1, 5), ("four", 4, 5), ("split", 4, 3)):
-        counts = collections.Counter()
-
-        class Recorder(logging.Handler):
-            def emit(self, record):
-                found = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
-                if found:
-                    counts[found.group(1)] += 1
-
-        handler, logger = Recorder(), logging.getLogger("jax")
-        logger.addHandler(handler)
-        try:
-            with jax.log_compiles(True):
-                state = continual.train(_config(n, every), str(root / name))
-        finally:
-            logger.removeHandler(handler)
+        with recording_compilations() as counts:
+            state = continual.train(_config(n, every), str(root / name))
         out[name] = (state, str(root / name), counts)
     return out
 
