@@ -26,7 +26,7 @@ from gdjax import losses, strategies, unet
 from gdjax.data import memory
 from gdjax.eval import CLASSIFIERS
 from gdjax.eval.solver import SOLVER_STRATEGIES, SolverConfig
-from gdjax.schedule import BETA_SCHEDULES, Schedule, make_schedule
+from gdjax.schedule import BETA_SCHEDULES, Schedule, make_schedule, schedule_arrays
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, make_optimizer, make_train_step
 
@@ -93,7 +93,10 @@ class DataSettings:
     prefetch: int
 
     def __post_init__(self):
-        _positive(self, "data", "image_size", "channels", "n_experiences", "prefetch")
+        _positive(self, "data", "image_size", "channels", "n_experiences")
+        _require(isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool)
+                 and self.prefetch >= 0, f"data.prefetch={self.prefetch!r} must be an integer "
+                 ">= 0 (batches made ahead in a background thread; 0: none).")
         _bools(self, "data", "flip", "drop_last")
         _one_of(self.source, gdata.SOURCES, "data.source")
 
@@ -110,7 +113,11 @@ class DiffusionSettings:
 
     def __post_init__(self):
         _one_of(self.beta_schedule, BETA_SCHEDULES, "diffusion.beta_schedule")
-        self.schedule()  # make_schedule checks the numbers and names the bad one
+        # schedule_arrays checks the numbers and names the bad one, on the host (a run
+        # with bad data must stop before anything is placed on a device or compiled)
+        schedule_arrays(self.beta_schedule, num_train_timesteps=self.num_train_timesteps,
+                        beta_start=self.beta_start, beta_end=self.beta_end,
+                        rescale_zero_snr=self.rescale_zero_snr)
 
     def schedule(self) -> Schedule:
         return _schedule(self)

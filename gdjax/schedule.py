@@ -58,15 +58,21 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 MAX_TIMESTEPS = 100_000
 
 
-def make_schedule(
+def make_schedule(beta_schedule: str = "linear", **kwargs) -> Schedule:
+    """Builds the schedule; the defaults are the reference's (linear, zero terminal SNR)."""
+    return Schedule(*(jnp.asarray(a) for a in schedule_arrays(beta_schedule, **kwargs)))
+
+
+def schedule_arrays(
         beta_schedule: str = "linear",
         *,
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         rescale_zero_snr: bool = True,
-) -> Schedule:
-    """Builds the schedule; the defaults are the reference's (linear, zero terminal SNR)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`make_schedule`'s (betas, alphas, alphas_cumprod) as float32 numpy arrays, checked
+    and computed on the host: nothing is placed on a device or compiled."""
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(
             f"diffusion.beta_schedule={beta_schedule!r} is unknown; use one of {BETA_SCHEDULES}.")
@@ -85,7 +91,7 @@ def make_schedule(
         betas = rescale_zero_terminal_snr(betas)
     alphas = (1.0 - betas).astype(np.float32)
     alphas_cumprod = np.cumprod(alphas, dtype=np.float32)
-    return Schedule(jnp.asarray(betas), jnp.asarray(alphas), jnp.asarray(alphas_cumprod))
+    return betas, alphas, alphas_cumprod
 
 
 def _per_row(values: jnp.ndarray, ndim: int) -> jnp.ndarray:
