@@ -36,7 +36,7 @@ def get_config() -> ConfigDict:
         class_order=(),         # (): drawn from the seed as avalanche's nc_benchmark does
         flip=False,             # random horizontal flips (CIFAR-10): generator, solver, ER
         drop_last=False,        # False: keep each epoch's last, partial batch (the reference)
-        prefetch=2,
+        prefetch=2,             # batches made and placed ahead by a background thread; 0: none
     ))
     c.model = ConfigDict(dict(
         name="ddim_medium",     # a named UNet config of gdjax/unet.py

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gdjax import data as gdata
 from gdjax import ddim, strategies, unet
 from gdjax.run import model_apply_fn
 from gdjax.schedule import Schedule, make_schedule
@@ -41,6 +42,12 @@ PLAIN, PLAIN_2B, GD, REPLAY, GAUSSIAN, SAMPLE = (
     "plain step (B)", "plain step (2B)", "generative distillation", "generative replay",
     "gaussian distillation", "sampling (DDIM 10)")
 ROWS = (PLAIN, PLAIN_2B, GD, REPLAY, GAUSSIAN, SAMPLE)
+# Opt-in, gdjax only: the plain step fed by the run's input pipeline (host batches built,
+# sharded and placed by gdjax.data.batch_iterator) with its background prefetch, and with
+# each batch made inside the timed call: what the prefetch hides.
+FED, FED_INLINE = "plain step, pipeline, prefetch 2", "plain step, pipeline, no prefetch"
+FED_DEPTH = {FED: 2, FED_INLINE: 0}
+ALL_ROWS = ROWS + (FED, FED_INLINE)
 SAMPLE_STEPS = 10
 # Dense peak TFLOP/s by (device-kind substring, dtype); CPUs are left unknown.
 PEAK_TFLOPS = {("H200", "bfloat16"): 989.0, ("H100", "bfloat16"): 989.0,
@@ -160,7 +167,7 @@ def row_work(row: str, batch: int, teacher_steps: int) -> tuple[int, int, int]:
     Replay rows number B (the baseline's default); a train row's images are the rows the
     student trains on, sampling's the images made.
     """
-    if row == PLAIN:
+    if row in (PLAIN, FED, FED_INLINE):
         return batch, batch, 0
     if row == PLAIN_2B:
         return 2 * batch, 2 * batch, 0
@@ -172,7 +179,7 @@ def row_work(row: str, batch: int, teacher_steps: int) -> tuple[int, int, int]:
         return 2 * batch, 2 * batch, batch
     if row == SAMPLE:
         return batch, 0, batch * SAMPLE_STEPS
-    raise ValueError(f"unknown benchmark row {row!r}; known: {ROWS}")
+    raise ValueError(f"unknown benchmark row {row!r}; known: {ALL_ROWS}")
 
 
 def row_flops(row: str, batch: int, teacher_steps: int, fwd_per_image: float | None):
@@ -182,7 +189,8 @@ def row_flops(row: str, batch: int, teacher_steps: int, fwd_per_image: float | N
     return fwd_per_image * (3 * student + teacher)
 
 
-_ROW_STRATEGY = {PLAIN: strategies.NAIVE, PLAIN_2B: strategies.NAIVE,
+_ROW_STRATEGY = {PLAIN: strategies.NAIVE, PLAIN_2B: strategies.NAIVE, FED: strategies.NAIVE,
+                 FED_INLINE: strategies.NAIVE,
                  GD: strategies.FULL_GENERATION, REPLAY: strategies.NO_DISTILLATION,
                  GAUSSIAN: strategies.GAUSSIAN}
 
@@ -201,6 +209,17 @@ def _jax_train_call(cfg: BenchConfig, row: str, config, params, schedule):
     size, ch = config.sample_size, config.in_channels
     batch = {"image": jax.random.uniform(jax.random.key(1), (rows, size, size, ch),
                                          minval=-1.0, maxval=1.0)}
+    batches = None
+    if row in FED_DEPTH:  # host images, as a run's: batched, sharded, placed by the pipeline
+        if k > 1:
+            raise ValueError(f"row {row!r} times one step per call; use steps_per_call=1")
+        host = np.random.default_rng(1).uniform(-1, 1, (8 * rows, size, size, ch))
+        batches = gdata.batch_iterator(host.astype(np.float32), np.zeros(8 * rows, np.int32),
+                                       batch_size=rows, seed=0, experience=0,
+                                       sharding=gdata.data_sharding(),
+                                       prefetch=FED_DEPTH[row])
+        first = next(batches)
+        batch = {"image": first["image"], "mask": first["mask"]}
     if k > 1:  # k batches stacked, all k steps run: (..., batches, count, rng)
         batch = {"image": jnp.broadcast_to(batch["image"], (k,) + batch["image"].shape)}
     teacher = jax.tree.map(jnp.copy, params)  # the state is donated: keep separate buffers
@@ -212,9 +231,13 @@ def _jax_train_call(cfg: BenchConfig, row: str, config, params, schedule):
     compile_s = time.perf_counter() - start
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], teacher, batch, *extra, rng)
+        feed = batch
+        if batches is not None:  # the next batch, ready or made now (no prefetch)
+            feed = {name: value for name, value in next(batches).items() if name in batch}
+        holder["state"], metrics = compiled(holder["state"], teacher, feed, *extra, rng)
         return holder["state"], metrics
 
+    call.close = batches.close if batches is not None else lambda: None
     return call, compile_s, compiled_flops(compiled)
 
 
@@ -248,6 +271,7 @@ def jax_rows(cfg: BenchConfig, fwd_per_image: float | None) -> list[Timing]:
             call, compile_s, xla_flops = _jax_train_call(cfg, row, config, params, schedule)
         times, warm = time_calls(call, iters=cfg.iters, warmup=cfg.warmup,
                                  sync=jax.block_until_ready)
+        getattr(call, "close", lambda: None)()
         if row != SAMPLE and cfg.steps_per_call > 1:  # per train step, as the other rows
             times = [t / cfg.steps_per_call for t in times]
         out.append(Timing(row, "gdjax", times, compile_s, row_work(row, cfg.batch,
@@ -373,6 +397,8 @@ def torch_rows(cfg: BenchConfig, fwd_per_image: float | None) -> list[Timing]:
     x0 = torch.rand(shape, device=device) * 2 - 1
     out = []
     for row in cfg.rows:
+        if row in FED_DEPTH:  # gdjax's own input pipeline: no PyTorch counterpart timed
+            continue
         reset_peak_rss()
         if row == SAMPLE:
             fn = lambda: base.sample(base.model, torch.randn(shape, device=device), SAMPLE_STEPS)
@@ -433,7 +459,7 @@ def summarize(timings: list[Timing], peaks: dict) -> list[dict]:
     """One dict per (row, framework) with the table's numbers, plus PyTorch/gdjax ratios."""
     by_key = {(t.row, t.framework): t for t in timings}
     out = []
-    for t in sorted(timings, key=lambda t: (ROWS.index(t.row), t.framework != "gdjax")):
+    for t in sorted(timings, key=lambda t: (ALL_ROWS.index(t.row), t.framework != "gdjax")):
         entry = {"row": t.row, "framework": t.framework, **_summary(t, peaks.get(t.framework))}
         other = by_key.get((t.row, "gdjax"))
         if t.framework == "pytorch" and other is not None:

@@ -20,7 +20,9 @@ from launch import common  # noqa: E402
 
 _ROW_KEYS = {"plain": benchmark.PLAIN, "plain2b": benchmark.PLAIN_2B, "gd": benchmark.GD,
              "replay": benchmark.REPLAY, "gaussian": benchmark.GAUSSIAN,
-             "sampling": benchmark.SAMPLE}
+             "sampling": benchmark.SAMPLE, "fed": benchmark.FED,
+             "fed_inline": benchmark.FED_INLINE}
+_DEFAULT_ROWS = ["plain", "plain2b", "gd", "replay", "gaussian", "sampling"]
 
 flags.DEFINE_string("model", "ddim_medium", "UNet config name (gdjax.unet.get_unet_config).")
 flags.DEFINE_integer("batch", 32, "Batch B (replay rows: B as well).")
@@ -28,7 +30,9 @@ flags.DEFINE_integer("iters", 5, "Timed calls per row.")
 flags.DEFINE_integer("warmup", 1, "Untimed calls per row after compilation.")
 flags.DEFINE_integer("teacher_steps", 2, "Teacher DDIM steps of the replay rows.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides.")
-flags.DEFINE_list("rows", list(_ROW_KEYS), f"Rows to time, of {list(_ROW_KEYS)}.")
+flags.DEFINE_list("rows", _DEFAULT_ROWS, f"Rows to time, of {list(_ROW_KEYS)} (fed, "
+                  "fed_inline: the plain step fed by the input pipeline with and without "
+                  "its prefetch; gdjax only).")
 flags.DEFINE_bool("skip_torch", False, "Time gdjax only.")
 flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads (the CPU cores).")
 flags.DEFINE_string("json", None, "Where to write the raw results.")

@@ -9,7 +9,8 @@
 #      5 experiences x 100 epochs at batch 128, 10,000 evaluation samples): each compiled
 #      piece timed on the real data, the whole schedule projected;
 #   3. the distillation and plain rows at B = 256 and 512 (throughput scaling), and at
-#      B = 128 with 8 steps per call (train.steps_per_call).
+#      B = 128 with 8 steps per call (train.steps_per_call);
+#   4. the plain step fed by the input pipeline with and without its prefetch (bf16).
 #
 # Before the lease, here (the device has no network):
 #   bash launch/device_check.sh --prepare   # wheels of what the device lacks and the
@@ -83,6 +84,9 @@ done
 $PY -m launch.benchmark --model=$MODEL --batch=$BATCH --dtype=bfloat16 --iters=$ITERS \
     --warmup=3 --rows=plain,gd --skip_torch --steps_per_call=8 \
     --json="$OUT/bench_k8.json" 2>&1 | tee "$OUT/bench_k8.txt"
+$PY -m launch.benchmark --model=$MODEL --batch=$BATCH --dtype=bfloat16 --iters=$ITERS \
+    --warmup=3 --rows=plain,fed,fed_inline --skip_torch \
+    --json="$OUT/bench_prefetch.json" 2>&1 | tee "$OUT/bench_prefetch.txt"
 $PY -m launch.project --config=configs/split_fmnist.py --variants=generative_distillation \
     --seeds=42 --config.data.data_dir="$DATA" "${PROJECT[@]}" 2>&1 | tee "$OUT/project.txt"
 echo "device check done: $OUT"

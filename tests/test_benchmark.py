@@ -18,18 +18,25 @@ pytest.importorskip("diffusers")
 TINY = unet.get_unet_config("tiny")
 
 
+# A train row without and with a teacher, and sampling: each compiled row costs seconds
+# here. Every other row, both frameworks, but the plain step at 2B (the same step on twice
+# the rows): the device check's dry run (slow, tests/test_device_check.py).
+ROWS = (benchmark.PLAIN, benchmark.GD, benchmark.SAMPLE)
+
+
 @pytest.fixture(scope="module")
 def result():
-    cfg = benchmark.BenchConfig(model="tiny", batch=2, iters=2, warmup=0, torch_threads=1)
+    cfg = benchmark.BenchConfig(model="tiny", batch=2, iters=2, warmup=0, torch_threads=1,
+                                rows=ROWS)
     return benchmark.run(cfg, argv=["test_benchmark"])
 
 
-def test_every_row_for_both_frameworks(result):
+def test_each_row_for_both_frameworks(result):
     pairs = {(s["row"], s["framework"]) for s in result["summary"]}
-    assert pairs == {(r, f) for r in benchmark.ROWS for f in ("gdjax", "pytorch")}
+    assert pairs == {(r, f) for r in ROWS for f in ("gdjax", "pytorch")}
     table = result["table"].splitlines()
-    assert len(table) == 2 + 2 * len(benchmark.ROWS)
-    for row in benchmark.ROWS:
+    assert len(table) == 2 + 2 * len(ROWS)
+    for row in ROWS:
         assert sum(line.startswith(f"| {row} |") for line in table) == 2
 
 
@@ -56,7 +63,7 @@ def test_json_is_written_and_reloads(result, tmp_path):
     assert back["versions"]["jax"] == jax.__version__ and back["versions"]["torch"]
     assert back["hardware"]["cpu_count"] >= 1 and back["hardware"]["platform"] == "cpu"
     assert len(back["load_average_start"]) == len(back["load_average_end"]) == 3
-    assert "xla_flags" in back and len(back["timings"]) == 2 * len(benchmark.ROWS)
+    assert "xla_flags" in back and len(back["timings"]) == 2 * len(ROWS)
 
 
 def _baseline():
@@ -172,3 +179,36 @@ def test_steps_per_call_rows_time_k_steps_and_report_per_step(monkeypatch):
     step, shape, per_call = seen[0]
     assert step == 3 * (2 + 1) and shape == (3,)  # 2 timed calls and ours, 3 steps each
     assert timing.times_s == pytest.approx([t / 3 for t in per_call])
+
+
+@pytest.mark.parametrize("row", [benchmark.FED, benchmark.FED_INLINE])
+def test_fed_rows_train_on_the_pipelines_batches(monkeypatch, row):
+    """The prefetch rows feed the step a new batch of the input pipeline each call (gdjax
+    only; their PyTorch side is not timed), with (2) or without (0) a background thread."""
+    depths, real_iterator = [], benchmark.gdata.batch_iterator
+
+    def recording(images, labels, **kw):
+        depths.append(kw["prefetch"])
+        it = real_iterator(images, labels, **kw)
+        nexts = []
+
+        class Counting:
+            def __next__(self):
+                nexts.append(1)
+                return next(it)
+
+            def close(self):
+                it.close()
+
+        recording.nexts = nexts
+        return Counting()
+
+    monkeypatch.setattr(benchmark.gdata, "batch_iterator", recording)
+    cfg = benchmark.BenchConfig(model="tiny", batch=2, iters=3, warmup=1, torch_threads=1,
+                                rows=(row,))
+    timings = benchmark.jax_rows(cfg, None) + benchmark.torch_rows(cfg, None)
+    assert [(t.row, t.framework) for t in timings] == [(row, "gdjax")]
+    assert depths == [benchmark.FED_DEPTH[row]] and benchmark.FED_DEPTH[row] == (
+        2 if row == benchmark.FED else 0)
+    assert len(recording.nexts) == 1 + 1 + 3  # the compile's batch, warm-up, timed calls
+    assert len(timings[0].times_s) == 3 and timings[0].images == 2

@@ -524,6 +524,35 @@ def test_prefetcher_runs_ahead_by_its_depth_and_no_further():
     assert consumed == list(range(n))
 
 
+def test_prefetch_zero_makes_each_batch_in_next_with_no_thread():
+    """data.prefetch = 0: the same batches as with a prefetch, each made only when asked
+    for, on the caller's thread."""
+    images, labels = _toy()
+    kwargs = dict(batch_size=5, seed=3, experience=2, num_steps=7)
+    with pipeline.batch_iterator(images, labels, prefetch=2, **kwargs) as it:
+        ahead = list(it)
+    made, real_host_batch = [], pipeline.host_batch
+
+    def recording(*args, **kw):
+        made.append(threading.get_ident())
+        return real_host_batch(*args, **kw)
+
+    threads = threading.active_count()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "host_batch", recording)
+        it = pipeline.batch_iterator(images, labels, prefetch=0, **kwargs)
+        assert threading.active_count() == threads and made == []
+        inline = [next(it)]
+        assert made == [threading.get_ident()]  # one batch, made by this call, here
+        inline += list(it)
+    assert len(made) == 7 and set(made) == {threading.get_ident()}
+    for a, b in zip(ahead, inline, strict=True):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="prefetch=-1 must be >= 0"):
+        pipeline.batch_iterator(images, labels, prefetch=-1, **kwargs)
+
+
 _SHARDING_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np

@@ -23,12 +23,15 @@ def test_device_check_dry_run_writes_every_table(tmp_path):
     assert f"device check done: {out}" in done.stdout
     names = sorted(os.listdir(out))
     assert names == ["bench_b8.json", "bench_b8.txt", "bench_float32.json", "bench_float32.txt",
-                     "bench_k8.json", "bench_k8.txt", "project.txt", "versions.txt"]
+                     "bench_k8.json", "bench_k8.txt", "bench_prefetch.json",
+                     "bench_prefetch.txt", "project.txt", "versions.txt"]
     bench = json.loads((out / "bench_float32.json").read_text())
     rows = {(s["row"], s["framework"]) for s in bench["summary"]}
     for row in ("plain step (B)", "generative distillation", "generative replay",
                 "gaussian distillation", "sampling (DDIM 10)"):
         assert {(row, "gdjax"), (row, "pytorch")} <= rows
+    fed = {s["row"] for s in json.loads((out / "bench_prefetch.json").read_text())["summary"]}
+    assert {"plain step, pipeline, prefetch 2", "plain step, pipeline, no prefetch"} <= fed
     k8 = json.loads((out / "bench_k8.json").read_text())
     assert k8["config"]["steps_per_call"] == 8 and k8["config"]["dtype"] == "bfloat16"
     assert json.loads((out / "bench_b8.json").read_text())["config"]["batch"] == 8

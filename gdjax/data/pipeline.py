@@ -378,6 +378,26 @@ class Prefetcher(Iterator):
         self.close()
 
 
+class Inline(Prefetcher):
+    """A Prefetcher of depth 0: each item is made in the consumer's next(), on its thread
+    (data.prefetch = 0; the benchmark's baseline for what prefetching saves)."""
+
+    def __init__(self, items: Iterator):
+        self._items, self._done = items, False
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._items)
+        except StopIteration:
+            self._done = True
+            raise
+
+    def close(self) -> None:
+        self._done = True
+
+
 def shard_group(batch: dict[str, np.ndarray], sharding):
     """`shard_batch` for batches stacked on a leading step axis ([n, local rows, ...]): the
     rows split over 'data' on the second axis (train.steps_per_call)."""
@@ -435,15 +455,17 @@ def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, s
     so a run resumed at step s passes the same `num_steps` and `start_step=s`. `groups`
     (train.steps_per_call), sizes that sum to the steps: each yields the next n steps'
     batches as one, stacked on a new leading axis and padded with zeros to `group_size`
-    (default: the largest; sharded by `shard_group`). Close the iterator (or use it in a `with`) to stop
-    its thread.
+    (default: the largest; sharded by `shard_group`). `prefetch` batches are made (and placed)
+    ahead in a background thread; 0 makes each in next(). Close the iterator (or use it in a
+    `with`) to stop its thread.
     """
     steps_per_epoch(len(labels), batch_size, drop_last=drop_last)  # fail here, not in the thread
     if sharding is not None:
         check_batch_size(batch_size, sharding.mesh.shape["data"])
     steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
-    return Prefetcher(_batches(images, labels, steps, batch_size=batch_size, seed=seed,
-                               experience=experience, flip=flip, drop_last=drop_last,
-                               sharding=sharding, extra=extra, groups=groups,
-                               group_size=group_size),
-                      size=prefetch)
+    items = _batches(images, labels, steps, batch_size=batch_size, seed=seed,
+                     experience=experience, flip=flip, drop_last=drop_last, sharding=sharding,
+                     extra=extra, groups=groups, group_size=group_size)
+    if prefetch < 0:
+        raise ValueError(f"prefetch={prefetch} must be >= 0 (0: no background thread)")
+    return Prefetcher(items, size=prefetch) if prefetch else Inline(items)
