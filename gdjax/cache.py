@@ -7,6 +7,7 @@ such as /usr/share/datasets). The root is `$GDJAX_CACHE_DIR`, else `~/.cache/gdj
     <root>/classifiers/<arch>/<data set>_<size>px_<channels>ch/   (gdjax/eval/classifier.py)
     <root>/inception/                                             (gdjax/eval/inception.py)
     <root>/fid_features/<data set>_<size>px_<channels>ch.npz      (gdjax/eval/fid.py)
+    <root>/xla/             JAX's compilation cache of the launchers (gdjax/xla_flags.py)
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import os
 ENV_DIR = "GDJAX_CACHE_DIR"
 
 
-def cache_dir() -> str:
+def cache_dir(environ=os.environ) -> str:
     """The absolute cache root: $GDJAX_CACHE_DIR, or ~/.cache/gdjax."""
-    root = os.environ.get(ENV_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "gdjax")
+    root = environ.get(ENV_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "gdjax")
     return os.path.abspath(root)
 
 

@@ -9,7 +9,7 @@ Rows go to <workdir>/metrics/evaluation.jsonl (a re-evaluated experience replace
 
 from gdjax import xla_flags
 
-xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
+xla_flags.set_defaults()  # before jax starts: XNNPACK on CPU, the compile cache
 
 from absl import flags, logging  # noqa: E402
 

@@ -23,7 +23,7 @@ import os
 
 from gdjax import xla_flags
 
-xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
+xla_flags.set_defaults()  # before jax starts: XNNPACK on CPU, the compile cache
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -12,7 +12,7 @@ import os
 
 from gdjax import xla_flags
 
-xla_flags.set_cpu_defaults()  # before jax starts: XNNPACK convolutions on CPU
+xla_flags.set_defaults()  # before jax starts: XNNPACK on CPU, the compile cache
 
 from absl import flags, logging  # noqa: E402
 
