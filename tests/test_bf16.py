@@ -126,6 +126,7 @@ def test_bf16_plain_step_matches_float32(params0, batch):
     assert update_cos > 0.95, update_cos
 
 
+@pytest.mark.slow  # a minute of one worker; the plain step's parity stays in the fast set
 def test_bf16_distillation_step_matches_float32(params0, batch, trained):
     # The teacher: the float32 model after TRAIN_STEPS steps; its 2-step reverse process
     # and its targets run in the step's dtype, so bf16 errors reach the targets too.

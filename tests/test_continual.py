@@ -18,7 +18,16 @@ from gdjax.run import Run, build, settings_from_config
 from tests.helpers import leaves, tiny_config
 
 
-@pytest.mark.parametrize("name", strategies.STRATEGIES)
+# Every strategy's step has its own tests (test_train_step.py, test_strategy_options.py);
+# the whole loop runs in the fast set for one strategy of each kind (plain, cumulative,
+# memory, generation distillation with the solver, gaussian), the others in the slow set.
+ONE_OF_EACH_KIND = (strategies.NAIVE, strategies.CUMULATIVE, strategies.ER,
+                    strategies.FULL_GENERATION, strategies.GAUSSIAN)
+
+
+@pytest.mark.parametrize("name", [n if n in ONE_OF_EACH_KIND else
+                                  pytest.param(n, marks=pytest.mark.slow)
+                                  for n in strategies.STRATEGIES])
 def test_every_strategy_runs_end_to_end(name, tmp_path, monkeypatch, compilations):
     workdir = str(tmp_path / name)
     # The solver (generative replay here) through the whole loop once; what data each solver
@@ -299,8 +308,10 @@ def test_iid_training_is_one_experience_of_every_class(iid_teacher):
     assert read_metrics(teacher_run, "experience")[0]["classes_seen"] == 10
 
 
-@pytest.mark.parametrize("name", ["gaussian_distillation", "full_generation_distillation",
-                                  "partial_generation_distillation"])
+@pytest.mark.parametrize("name", [pytest.param("gaussian_distillation", marks=pytest.mark.slow),
+                                  "full_generation_distillation",
+                                  pytest.param("partial_generation_distillation",
+                                               marks=pytest.mark.slow)])
 def test_iid_distillation_into_a_fresh_student(name, iid_teacher, tmp_path):
     teacher_run, teacher = iid_teacher
     c = tiny_config(name, mode="iid_distill", teacher_dir=os.path.join(teacher_run, "final_params"))
