@@ -593,3 +593,17 @@ def test_sharding_over_eight_fake_devices():
     result = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (2, True), (-1, False), (True, False)])
+def test_data_prefetch_setting_takes_zero_and_refuses_the_rest(value, ok):
+    from configs import split_digits
+    from gdjax.run import settings_from_config
+
+    config = split_digits.get_config()
+    config.data.prefetch = value
+    if ok:
+        assert settings_from_config(config).data.prefetch == value
+    else:
+        with pytest.raises(ValueError, match=r"data.prefetch=.* must be an integer >= 0"):
+            settings_from_config(config)
