@@ -115,9 +115,13 @@ class DiffusionSettings:
         _one_of(self.beta_schedule, BETA_SCHEDULES, "diffusion.beta_schedule")
         # schedule_arrays checks the numbers and names the bad one, on the host (a run
         # with bad data must stop before anything is placed on a device or compiled)
-        schedule_arrays(self.beta_schedule, num_train_timesteps=self.num_train_timesteps,
-                        beta_start=self.beta_start, beta_end=self.beta_end,
-                        rescale_zero_snr=self.rescale_zero_snr)
+        schedule_arrays(**self.schedule_args())
+
+    def schedule_args(self) -> dict:
+        """This section's arguments of `schedule.make_schedule` / `schedule_arrays`."""
+        return dict(beta_schedule=self.beta_schedule,
+                    num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
+                    beta_end=self.beta_end, rescale_zero_snr=self.rescale_zero_snr)
 
     def schedule(self) -> Schedule:
         return _schedule(self)
@@ -125,9 +129,7 @@ class DiffusionSettings:
 
 @functools.lru_cache(maxsize=8)
 def _schedule(d: DiffusionSettings) -> Schedule:
-    return make_schedule(d.beta_schedule, num_train_timesteps=d.num_train_timesteps,
-                         beta_start=d.beta_start, beta_end=d.beta_end,
-                         rescale_zero_snr=d.rescale_zero_snr)
+    return make_schedule(**d.schedule_args())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -321,13 +321,20 @@ _END = object()
 class Prefetcher(Iterator):
     """Runs an iterator in a background thread, `size` items ahead; close() stops it.
 
-    An exception raised in the thread is re-raised by the consumer's next().
+    An exception raised in the thread is re-raised by the consumer's next(). `size` 0
+    starts no thread: each item is made in next(), on the consumer's thread
+    (data.prefetch = 0; the benchmark's baseline for what prefetching saves).
     """
 
     def __init__(self, items: Iterator, size: int = 2):
-        self._queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
+        if size < 0:
+            raise ValueError(f"prefetch={size} must be >= 0 (0: no background thread)")
         self._done = False
+        self._items = items if size == 0 else None
+        if size == 0:
+            return
+        self._queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
         self._thread.start()
 
@@ -352,6 +359,12 @@ class Prefetcher(Iterator):
     def __next__(self):
         if self._done:
             raise StopIteration
+        if self._items is not None:  # no thread
+            try:
+                return next(self._items)
+            except StopIteration:
+                self._done = True
+                raise
         item = self._queue.get()
         if item is _END or isinstance(item, _Failure):
             self.close()
@@ -363,6 +376,8 @@ class Prefetcher(Iterator):
     def close(self) -> None:
         """Stops the thread and drops what it had prepared; idempotent."""
         self._done = True
+        if self._items is not None:
+            return
         self._stop.set()
         while True:  # unblock a producer waiting on a full queue
             try:
@@ -376,26 +391,6 @@ class Prefetcher(Iterator):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class Inline(Prefetcher):
-    """A Prefetcher of depth 0: each item is made in the consumer's next(), on its thread
-    (data.prefetch = 0; the benchmark's baseline for what prefetching saves)."""
-
-    def __init__(self, items: Iterator):
-        self._items, self._done = items, False
-
-    def __next__(self):
-        if self._done:
-            raise StopIteration
-        try:
-            return next(self._items)
-        except StopIteration:
-            self._done = True
-            raise
-
-    def close(self) -> None:
-        self._done = True
 
 
 def shard_group(batch: dict[str, np.ndarray], sharding):
@@ -463,9 +458,8 @@ def batch_iterator(images: np.ndarray, labels: np.ndarray, *, batch_size: int, s
     if sharding is not None:
         check_batch_size(batch_size, sharding.mesh.shape["data"])
     steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
-    items = _batches(images, labels, steps, batch_size=batch_size, seed=seed,
-                     experience=experience, flip=flip, drop_last=drop_last, sharding=sharding,
-                     extra=extra, groups=groups, group_size=group_size)
-    if prefetch < 0:
-        raise ValueError(f"prefetch={prefetch} must be >= 0 (0: no background thread)")
-    return Prefetcher(items, size=prefetch) if prefetch else Inline(items)
+    return Prefetcher(_batches(images, labels, steps, batch_size=batch_size, seed=seed,
+                               experience=experience, flip=flip, drop_last=drop_last,
+                               sharding=sharding, extra=extra, groups=groups,
+                               group_size=group_size),
+                      size=prefetch)
