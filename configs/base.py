@@ -88,6 +88,8 @@ def get_config() -> ConfigDict:
         inception_dir="",       # "": $GDJAX_INCEPTION_DIR or ~/.cache/gdjax/inception
         classifier="resnet18",  # resnet18 (REFERENCE §7) | simple_cnn: labels the samples
         train_classifier=False,  # train a missing evaluation classifier at first use
+        every_steps=0,          # > 0: also evaluate every that many steps within an
+                                # experience (rows in metrics/eval.jsonl); 0: at its end only
     ))
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.
     c.solver = ConfigDict(dict(

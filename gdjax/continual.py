@@ -1,7 +1,9 @@
 """The experience loop: learn the experiences one after another, resumably.
 
 settings -> run (gdjax/run.py) -> compiled steps -> this loop -> checkpoints, metric rows,
-sample grids, and an evaluation hook after each experience. What changes as the loop goes
+sample grids, and an evaluation hook after each experience (and every eval.every_steps
+steps within one, each such evaluation checkpointed; metrics/eval.jsonl), with the wall
+time of each phase in metrics/timing.jsonl. What changes as the loop goes
 is one value, `LoopState` (the train state, the frozen teacher, the solver's state and its
 accuracies, the run's key): each loop function takes it and returns the next one, and as
 it stands it is the checkpoint tree. A run killed at any moment and restarted with the same
@@ -13,10 +15,12 @@ paths and its guarded writes are gdjax/rundir.py's; a full disk stops the run wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -60,6 +64,33 @@ class Callbacks:
 
 # ----------------------------------------------------------------------------- the loop
 
+class Timer:
+    """Wall seconds by phase since the last `split` (the timing rows): time inside
+    `phase(name)` counts as `name`, the rest as `train_s` (the generator's steps, their
+    compilation, data and checkpoints)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._start = clock()
+        self._phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._phases[name] = self._phases.get(name, 0.0) + self._clock() - start
+
+    def split(self) -> dict[str, float]:
+        """{"wall_s", "train_s", and each phase's seconds} since the last split; resets."""
+        now = self._clock()
+        wall = now - self._start
+        out = {"wall_s": wall, "train_s": wall - sum(self._phases.values()), **self._phases}
+        self._start, self._phases = now, {}
+        return out
+
+
 class Loop(NamedTuple):
     """What stays fixed while a run trains."""
 
@@ -68,6 +99,7 @@ class Loop(NamedTuple):
     logger: Any  # MetricLogger, or NullLogger on processes other than 0
     eval_hook: EvalHook | None
     callbacks: Callbacks
+    timer: Timer
 
 
 def save(loop: Loop, ls: LoopState, *, experience: int, step: int) -> None:
@@ -165,20 +197,22 @@ def train_solver(loop: Loop, ls: LoopState, k: int) -> LoopState:
         loop.callbacks.before_solver(k)
     progress = Progress(s.solver.epochs, f"solver {k + 1}/{len(run.experiences)}",
                         unit="epoch")
-    solver = solver_lib.learn_experience(
-        s.solver, ls.solver, train=run.train, experiences=run.experiences, experience=k,
-        seed=s.seed, gen_apply=run.apply_fn, gen_params=ls.teacher, schedule=run.schedule,
-        flip=s.data.flip, drop_last=s.data.drop_last, progress=progress)
+    with loop.timer.phase("solver_s"):
+        solver = solver_lib.learn_experience(
+            s.solver, ls.solver, train=run.train, experiences=run.experiences, experience=k,
+            seed=s.seed, gen_apply=run.apply_fn, gen_params=ls.teacher, schedule=run.schedule,
+            flip=s.data.flip, drop_last=s.data.drop_last, progress=progress)
     progress.close()
     return ls._replace(solver=solver)
 
 
-def call_groups(start: int, total: int, steps_per_call: int, checkpoint_every: int) -> list:
+def call_groups(start: int, total: int, steps_per_call: int, *every: int) -> list:
     """How steps start..total-1 are dispatched (train.steps_per_call): runs of at most
-    `steps_per_call` steps, none across a checkpoint."""
+    `steps_per_call` steps, none across a multiple of any of `every` (the checkpoint and
+    evaluation intervals; 0 for none)."""
     groups, s = [], start
     while s < total:
-        end = min(s + steps_per_call, total, (s // checkpoint_every + 1) * checkpoint_every)
+        end = min([s + steps_per_call, total] + [(s // n + 1) * n for n in every if n > 0])
         groups.append(end - s)
         s = end
     return groups
@@ -190,8 +224,9 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
     checked and checkpointed at the same steps as one by one."""
     run, t = loop.run, loop.run.settings.train
     total = run.num_steps(k)
-    per_call = t.steps_per_call
-    groups = call_groups(start, total, per_call, t.checkpoint_every) if per_call > 1 else None
+    per_call, every = t.steps_per_call, loop.run.settings.eval.every_steps
+    groups = (call_groups(start, total, per_call, t.checkpoint_every, every)
+              if per_call > 1 else None)
     step = run.step(run.uses_replay(k), *([per_call] if per_call > 1 else []))
     progress = Progress(total - start, f"exp {k + 1}/{len(run.experiences)}")
     reported, checked, first = start, start - 1, start
@@ -209,7 +244,9 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
                 if loop.callbacks.after_step is not None:  # the update exists only in memory
                     loop.callbacks.after_step(k, s)
                 logs = (s + 1) % t.log_every == 0 or s + 1 == total
-                saves = (s + 1) % t.checkpoint_every == 0 and s + 1 < total
+                evaluates = every > 0 and (s + 1) % every == 0 and s + 1 < total
+                # An evaluation is checkpointed, so that a resume never redoes or skips one.
+                saves = ((s + 1) % t.checkpoint_every == 0 or evaluates) and s + 1 < total
                 if not (logs or saves):
                     continue
                 values = jax.device_get(stacked if groups is None else
@@ -226,6 +263,8 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
                     log_row(loop, "train", done, {"experience": k, **values})
                     progress.update(s + 1 - reported, loss=values["loss"])
                     reported = s + 1
+                if evaluates:  # before the checkpoint: a kill in between redoes it
+                    evaluate_within(loop, ls, k, s + 1, done)
                 if saves:  # only at the end of a call (`call_groups`)
                     save(loop, ls, experience=k, step=s + 1)
             first += n
@@ -233,11 +272,28 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
     return ls
 
 
-def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
-    """Sample grid, solver metrics, evaluation, and the boundary checkpoint (which resumes
-    at k + 1)."""
+def evaluate_within(loop: Loop, ls: LoopState, k: int, steps_done: int,
+                    global_step: int) -> None:
+    """eval.every_steps: the evaluation hook on the params after `steps_done` steps of
+    experience k, its row in metrics/eval.jsonl, and the time since the last timing row."""
+    row = {"experience": k, "step_in_experience": steps_done}
+    if loop.eval_hook is not None:
+        with loop.timer.phase("eval_s"):
+            row.update(loop.eval_hook(loop.run, k, ls.train.params))
+    log_row(loop, "eval", global_step, row)
+    log_timing(loop, k, global_step)
+
+
+def log_timing(loop: Loop, k: int, global_step: int) -> None:
+    """The seconds spent since the last timing row (or this process's start, or resume),
+    by phase: metrics/timing.jsonl."""
+    log_row(loop, "timing", global_step, {"experience": k, **loop.timer.split()})
+
+
+def _evaluate_end(loop: Loop, ls: LoopState, k: int, params) -> tuple[LoopState, dict]:
+    """Experience k's sample grid, saved params, solver accuracies and evaluation: (the
+    loop state with the accuracies, the experience's metric row)."""
     run = loop.run
-    params = ls.train.params
     _save_outputs(loop, k, params)
     row = {"experience": k, "classes_seen": len(gdata.seen_classes(run.experiences, k))}
     if ls.solver is not None:
@@ -251,7 +307,18 @@ def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
         if loop.callbacks.before_evaluation is not None:
             loop.callbacks.before_evaluation(k)
         row.update(loop.eval_hook(run, k, params))
+    return ls, row
+
+
+def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
+    """Sample grid, solver metrics, evaluation, and the boundary checkpoint (which resumes
+    at k + 1)."""
+    run = loop.run
+    params = ls.train.params
+    with loop.timer.phase("eval_s"):
+        ls, row = _evaluate_end(loop, ls, k, params)
     log_row(loop, "experience", int(ls.train.step), row)
+    log_timing(loop, k, int(ls.train.step))
     with writing(loop, f"the metric rows to {rundir.metrics_dir(run.workdir)} (fsync)"):
         loop.logger.flush()
     save(loop, ls, experience=k + 1, step=0)
@@ -336,7 +403,7 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     # Every process has read the checkpoint before process 0 writes (and prunes) any.
     hosts.barrier("gdjax: restored")
     logger = _open_logger(run, resumed, ckpt)
-    loop = Loop(run, ckpt, logger, eval_hook, callbacks or Callbacks())
+    loop = Loop(run, ckpt, logger, eval_hook, callbacks or Callbacks(), Timer())
     try:
         ls = run_experiences(loop, ls, first, start)
         # The final model on its own, in the format launch/convert.py writes: a teacher for

@@ -31,7 +31,8 @@ from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, make_optimizer, make_train_step
 
 MODES = ("continual", "iid", "iid_distill")
-IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.FULL_GENERATION,
+IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.GAUSSIAN_SYMMETRY,
+                          strategies.NO_DISTILLATION, strategies.FULL_GENERATION,
                           strategies.PARTIAL_GENERATION)
 DTYPES = ("float32", "bfloat16")
 ON_NAN = ("stop", "skip")
@@ -176,9 +177,14 @@ class EvalSettings:
     inception_dir: str
     classifier: str
     train_classifier: bool
+    every_steps: int
 
     def __post_init__(self):
         _positive(self, "eval", "steps", "num_samples", "batch_size", "grid_samples")
+        _require(isinstance(self.every_steps, int) and not isinstance(self.every_steps, bool)
+                 and self.every_steps >= 0, f"eval.every_steps={self.every_steps!r} must be "
+                 "an integer >= 0 (evaluate every that many steps within an experience; 0: "
+                 "only at its end).")
         _finite(self, "eval", "eta", low=0.0)
         _bools(self, "eval", "save_experience_params", "fid", "train_classifier")
         _one_of(self.fid_at, FID_AT, "eval.fid_at")
