@@ -43,6 +43,11 @@ STREAMS = {
     "classifier_init": 16,
     "classifier_step": 17,  # jax: folded with the classifier step
     "classifier_order": 18,  # numpy (epoch)
+    # the studies (gdjax/studies/)
+    "study_samples": 21,    # jax (DDIM steps): an IID-study evaluation's samples
+    "study_score": 22,      # numpy (DDIM steps): its KID subsets, if any
+    "study_steps": 23,      # jax / numpy (DDIM steps): the sampling-cost step curve
+    "study_counts": 24,     # jax (samples) / numpy (samples, repeat): the count curve
 }
 
 

@@ -46,8 +46,10 @@ def _sampler(apply_fn: Callable, image_shape: tuple, num_steps: int, eta: float,
 
 def generate(apply_fn: Callable, params, schedule: Schedule, key: jax.Array, *, num: int,
              image_shape: tuple, num_steps: int, eta: float = 0.0, batch_size: int = 500,
-             sharding: NamedSharding | None = None) -> np.ndarray:
-    """`num` samples as float32 numpy [num, H, W, C] in [0, 1], `batch_size` at a time.
+             sharding: NamedSharding | None = None, first_row: int = 0) -> np.ndarray:
+    """`num` samples as float32 numpy [num, H, W, C] in [0, 1], `batch_size` at a time:
+    rows first_row..first_row + num - 1 of the draw of `key` (draws of disjoint row ranges
+    start from disjoint noise).
 
     Every batch has the same shape (the last is cut after generation), so the sampler
     compiles once per (batch size, image shape, steps, eta); `apply_fn` must be hashable
@@ -59,7 +61,7 @@ def generate(apply_fn: Callable, params, schedule: Schedule, key: jax.Array, *, 
     fn = _sampler(apply_fn, tuple(image_shape), num_steps, float(eta), sharding)
     out = []
     for start in range(0, num, batch):
-        rows = np.arange(start, start + batch, dtype=np.uint32)
+        rows = np.arange(first_row + start, first_row + start + batch, dtype=np.uint32)
         if sharding is not None:  # every process samples its devices' rows of the batch
             rows = gdata.global_rows(rows, sharding)
         out.append(hosts.host_copy(fn(params, schedule, key, rows)))
