@@ -49,6 +49,36 @@ def unknown_key_message(error: str, argv: list[str]) -> str:
             f"Every key is defined, with its default, in configs/base.py.").replace("  ", " ")
 
 
+def config_file_module(config_flag):
+    """The Python module of a `--config` flag's file (its path without the `:variant`)."""
+    import importlib.util
+
+    from ml_collections import config_flags
+    path = config_flags.get_config_filename(config_flag).split(":")[0]
+    spec = importlib.util.spec_from_file_location("gdjax_launch_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.path = path
+    return module
+
+
+def variant_configs(config_flag, *, before_overrides=lambda config, module: config):
+    """config_for(variant): the `--config` file's `get_config(variant)`, passed through
+    `before_overrides(config, the file's module)`, then with the command line's `--config.x.y` overrides; its `.path`
+    is the file's."""
+    from ml_collections import config_flags
+    module = config_file_module(config_flag)
+    overrides = config_flags.get_override_values(config_flag)
+
+    def config_for(variant):
+        config = before_overrides(module.get_config(variant), module)
+        config.update_from_flattened_dict(overrides)
+        return config
+
+    config_for.path = module.path
+    return config_for
+
+
 # The errors gdjax raises for input it cannot use; anything else is a bug and keeps its
 # traceback.
 def _input_errors() -> tuple[type, ...]:

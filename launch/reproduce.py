@@ -18,7 +18,6 @@ and the report (report.md, CSVs, LaTeX, PNGs) to <root>/report. Started again wi
 arguments, it skips finished runs and resumes an interrupted one from its last checkpoint.
 """
 
-import importlib.util
 import os
 
 from gdjax import xla_flags
@@ -26,7 +25,6 @@ from gdjax import xla_flags
 xla_flags.set_defaults()  # before jax starts: XNNPACK on CPU, the compile cache
 
 from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from gdjax import sweep  # noqa: E402
 from launch import common  # noqa: E402
@@ -45,35 +43,21 @@ flags.DEFINE_integer("solver_epochs", None, "Solver epochs per experience (defau
                      "config file's SWEEP, else the config's; 0: the config's).")
 
 
-def _config_module(path: str):
-    spec = importlib.util.spec_from_file_location("gdjax_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def variant_configs(f):
     """config_for(variant): the --config file's get_config(variant), with the sweep's
     schedule and then the command line's --config.x.y overrides; and the file's path."""
-    path = config_flags.get_config_filename(f["config"]).split(":")[0]
-    module = _config_module(path)
-    overrides = config_flags.get_override_values(f["config"])
-    schedule = dict(getattr(module, "SWEEP", {}))
-    for name in ("steps_per_experience", "solver_epochs"):
-        if f[name].value is not None:
-            schedule[name] = f[name].value
-
-    def config_for(variant):
-        config = module.get_config(variant)
+    def with_schedule(config, module):
+        schedule = dict(getattr(module, "SWEEP", {}))
+        for name in ("steps_per_experience", "solver_epochs"):
+            if f[name].value is not None:
+                schedule[name] = f[name].value
         if schedule.get("steps_per_experience"):
             config.train.steps_per_experience = schedule["steps_per_experience"]
         if schedule.get("solver_epochs"):
             config.solver.epochs = schedule["solver_epochs"]
-        config.update_from_flattened_dict(overrides)
         return config
 
-    config_for.path = path
-    return config_for
+    return common.variant_configs(f["config"], before_overrides=with_schedule)
 
 
 def main(argv):
