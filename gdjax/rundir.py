@@ -8,6 +8,7 @@
     <workdir>/samples/histogram_experience_<k>.png
     <workdir>/experience_params/experience_<k>/  the generator after experience k
     <workdir>/final_params/                    the generator at the end
+    <workdir>/best_params/, best.json          the IID study's lowest-AUC student so far
 
 The loop asks this module for paths and never builds one. `writing(what, resume_note)`
 wraps the write of a run output: a full disk becomes a `DiskFullError` naming the output
@@ -31,9 +32,10 @@ from gdjax import files
 CONFIG_FILE = "config.json"
 CHECKPOINTS, METRICS, SAMPLES = "checkpoints", "metrics", "samples"
 EXPERIENCE_PARAMS, FINAL_PARAMS = "experience_params", "final_params"
+BEST_PARAMS, BEST_FILE = "best_params", "best.json"  # gdjax/studies/iid.py
 # What a run writes into its workdir; `wipe` deletes exactly these.
 RUN_OUTPUTS = (CHECKPOINTS, METRICS, SAMPLES, "tensorboard", FINAL_PARAMS, EXPERIENCE_PARAMS,
-               CONFIG_FILE, "wandb_run_id")
+               CONFIG_FILE, "wandb_run_id", BEST_PARAMS, BEST_FILE)
 # Sections every gdjax run config has (configs/base.py): a config.json without them is
 # another program's (a diffusers model's config.json, say).
 SECTIONS = ("data", "model", "diffusion", "strategy", "train", "eval")
