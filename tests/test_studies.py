@@ -374,27 +374,3 @@ def test_study_command_parses_the_study_and_its_overrides():
     assert (got["data"], got["batch"]) == ("digits", 32)
     assert strategies.GAUSSIAN_SYMMETRY in got["methods"]
 
-
-@pytest.mark.slow
-def test_iid_study_end_to_end_on_tiny_settings(tmp_path):
-    """The real loop, hook and classifier: a 4-step teacher, two 4-step students."""
-    study = study_configs.get_config("iid_distillation")
-    study.methods = ("gaussian_distillation", "full_generation_distillation")
-    study.seeds, study.teacher_steps_sweep = (42,), (2,)
-    study.teacher_training_steps, study.student_steps, study.eval_every = 4, 4, 2
-    study.num_samples, study.generation_steps = 20, (2, 5)
-    c = tiny_config("naive")
-    c.eval.train_classifier = True
-    paths = iid.run_study(study, c, str(tmp_path))
-    rows = read_csv(paths["evaluations.csv"])
-    assert [(r["method"], r["step"]) for r in rows] == [
-        ("gaussian_distillation", "2"), ("gaussian_distillation", "4"),
-        ("full_generation_distillation", "2"), ("full_generation_distillation", "4")]
-    for r in rows:
-        assert float(r["auc"]) == pytest.approx(common.trapezoid_auc(
-            [2, 5], [float(r["fd_classifier_2"]), float(r["fd_classifier_5"])]))
-    for b in read_csv(paths["best.csv"]):
-        ours = [r for r in rows if r["method"] == b["method"]]
-        assert float(b["best_auc"]) == min(float(r["auc"]) for r in ours)
-        best = json.load(open(tmp_path / iid.run_name(b["method"], 2, 42) / iid.BEST_FILE))
-        assert best["auc"] == pytest.approx(float(b["best_auc"]))
