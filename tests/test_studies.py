@@ -248,7 +248,7 @@ def test_iid_study_reports_the_best_auc_seed_and_its_spread(tmp_path, monkeypatc
 def test_sampling_cost_draws_disjoint_sets_and_resumes(tmp_path, tiny_run, monkeypatch):
     run, params = tiny_run
     study = study_configs.get_config("sampling_cost")
-    study.generation_steps, study.num_samples = (1, 3), 6
+    study.generation_steps, study.num_samples = (1, 3), 10
     study.sample_counts, study.repeats, study.count_steps = (4, 8), 3, 2
     draws = []
     real_generate = sampling_study.sampling.generate
@@ -274,6 +274,9 @@ def test_sampling_cost_draws_disjoint_sets_and_resumes(tmp_path, tiny_run, monke
     root = str(tmp_path / "cost")
     with pytest.raises(KeyboardInterrupt):
         sampling_study.run_study(study, None, root)
+    # each step count: one warm-up batch of the timed draw's batch shape (eval.batch_size 8),
+    # so the timed draw of 10 (two batches of 8) compiles nothing
+    assert [(n, steps) for n, steps, _, _ in draws[:4]] == [(8, 1), (10, 1), (8, 3), (10, 3)]
     monkeypatch.setattr(common, "Scorer",
                         lambda settings, metric: ScriptedScorer([14.0, 20.0, 22.0, 24.0, 26.0]))
     draws.clear()

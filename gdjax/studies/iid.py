@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from gdjax import continual, files, rng, rundir, strategies
+from gdjax import data as gdata
 from gdjax.convert import save_params
 from gdjax.eval import sampling
 from gdjax.logs import read_metrics
@@ -70,7 +71,6 @@ class CurveHook:
         return row
 
     def __call__(self, run, k: int, params) -> dict[str, float]:
-        from gdjax import data as gdata
         row = self.curve(run, params, gdata.seen_classes(run.experiences, k))
         if self.keep_best:
             self._keep(run, params, row["auc"])
@@ -155,7 +155,7 @@ def curve_rows(workdir: str) -> list[dict]:
     """A student run's evaluations in order: {"step", "auc", "<metric>_<g>", ...,
     "train_s"} with the student's cumulative training seconds (compilation included,
     evaluation excluded) at each."""
-    rows = [r for r in read_metrics(workdir, "eval")] + read_metrics(workdir, "experience")
+    rows = read_metrics(workdir, "eval") + read_metrics(workdir, "experience")
     timing = read_metrics(workdir, "timing")
     out = []
     for row in sorted(rows, key=lambda r: r["step"]):

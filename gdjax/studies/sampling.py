@@ -67,7 +67,9 @@ def run_study(study, base, root: str, *, train_fn=None) -> dict[str, str]:
     progress = Progress(len(todo), "sampling cost: DDIM step counts", unit="count")
     for g in todo:
         key = rng.key(seed, "study_steps", g)
-        _draw(run, params, key, num=1, steps=g)  # compiles; the timed draw does not
+        # One batch of the timed draw's shape compiles its sampler; the timed draw does not.
+        _draw(run, params, key, num=min(run.settings.eval.batch_size, study.num_samples),
+              steps=g)
         start = time.perf_counter()
         samples = _draw(run, params, key, num=study.num_samples, steps=g)
         seconds = time.perf_counter() - start
