@@ -19,6 +19,9 @@ launch/evaluate.py writes), groups the runs by strategy and writes into `out_dir
 - `class_histogram.png`: per strategy, the mean (± SE) generated class fractions at the last
   experience against the true class frequencies;
 - `samples.png`: the last-experience sample grid of each strategy's first seed, side by side.
+- `summary.json`: per strategy its seeds and best seeds (best_seeds: lowest AUC of the
+  generative metric over the experiences, lowest solver forgetting), as in the authors' report;
+  report.md shows them under "Best seed".
 
 Statistics over seeds, as the authors' report computes them: the mean and its standard error
 SE = population std (ddof 0) / sqrt(n); beside them the sample standard deviation std (ddof 1).
@@ -61,6 +64,7 @@ from PIL import Image
 
 from gdjax import data as gdata
 from gdjax import figures, files, rundir, strategies
+from gdjax.eval import metrics as eval_metrics
 from gdjax.logs import read_metrics
 
 # Row keys that say where a row belongs or how it was made (launch/evaluate.py's rows)
@@ -349,6 +353,75 @@ def best_entries(groups, table: Table, last: dict[str, int], metric: str) -> set
             if s.interval[0] <= high and s.interval[1] >= low}
 
 
+# ----------------------------------------------------------------------------- best seeds
+
+# The per-experience metric whose area under the curve ranks a strategy's seeds, the first
+# of these that every run of the strategy has at each of its experiences (the authors rank by
+# FID; a run with FID at its last experience only falls back to fd_classifier).
+AUC_METRICS = ("fid", "fd_classifier", "kld")
+FORGETTING = "classifier_forgetting"
+
+
+@dataclasses.dataclass(frozen=True)
+class BestSeed:
+    """A strategy's best seed by `criterion` (`<metric>_auc` or `classifier_forgetting`):
+    its `value` there and its metrics at its last experience."""
+
+    criterion: str
+    seed: object
+    value: float
+    last: dict[str, float]
+
+
+def _curve(run: RunRecord, metric: str) -> list[float] | None:
+    """`metric` at each of the run's experiences in order; None if any is missing."""
+    values = [run.rows[k].get(metric) for k in sorted(run.rows)]
+    return [float(v) for v in values] if all(_is_number(v) for v in values) else None
+
+
+def auc_metric(runs: Sequence[RunRecord]) -> str | None:
+    """The first of AUC_METRICS present at every experience of every run (two or more
+    experiences each); None if none is."""
+    for metric in AUC_METRICS:
+        curves = [_curve(r, metric) for r in runs]
+        if all(c is not None and len(c) >= 2 for c in curves):
+            return metric
+    return None
+
+
+def _last_metrics(run: RunRecord) -> dict[str, float]:
+    row = run.rows[run.last_experience]
+    return {m: float(v) for m, v in row.items()
+            if m not in INDEX_KEYS and _is_number(v) and not m.startswith(DETAIL_PREFIXES)}
+
+
+def best_seeds(runs: Sequence[RunRecord]) -> list[BestSeed]:
+    """The authors' summary of one strategy's seeds: the seed with the lowest area under its
+    AUC metric's curve over the experiences (the trapezoid rule at unit spacing, as their
+    torch.trapz), and the seed with the lowest solver forgetting at its last experience
+    (where the runs record it); ties keep the first seed in order."""
+    best = []
+    metric = auc_metric(runs)
+    if metric is not None:
+        aucs = [eval_metrics.trapezoid_auc(range(len(c)), c)
+                for c in (_curve(r, metric) for r in runs)]
+        i = int(np.argmin(aucs))
+        best.append(BestSeed(f"{metric}_auc", runs[i].seed, aucs[i], _last_metrics(runs[i])))
+    forgetting = [r.rows[r.last_experience].get(FORGETTING) for r in runs]
+    if all(_is_number(v) and math.isfinite(v) for v in forgetting):
+        i = int(np.argmin(forgetting))
+        best.append(BestSeed(FORGETTING, runs[i].seed, float(forgetting[i]),
+                             _last_metrics(runs[i])))
+    return best
+
+
+def summary(groups: dict[str, list[RunRecord]]) -> dict:
+    """summary.json: per label, its strategy, seeds and best seeds (best_seeds)."""
+    return {label: {"strategy": runs[0].strategy, "seeds": [r.seed for r in runs],
+                    "best": [dataclasses.asdict(b) for b in best_seeds(runs)]}
+            for label, runs in groups.items()}
+
+
 # ----------------------------------------------------------------------------- files
 
 def _atomic_write(path: str, data: bytes | str) -> str:
@@ -400,6 +473,8 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
             groups, table, {label: [k] for label, k in last.items()})),
         "last_experience.tex": _atomic_write(out("last_experience.tex"), latex_table(
             groups, table, last).encode("utf-8")),
+        "summary.json": _atomic_write(out("summary.json"), json.dumps(
+            summary(groups), indent=2, default=str).encode("utf-8")),
     }
     for metric in metric_names(table):
         written[_figure_file(metric)] = _save_figure(
@@ -476,6 +551,25 @@ def _runs_table(groups) -> list[str]:
     return _table(["strategy", "seed", "last experience", "workdir"], rows)
 
 
+def _best_seed_lines(groups) -> list[str]:
+    rows = [(label, b) for label, runs in groups.items() for b in best_seeds(runs)]
+    if not rows:
+        return ["No best seed: no metric of AUC_METRICS at every experience of every run, "
+                "and no solver forgetting."]
+    shown = [m for m in METRIC_ORDER if any(m in b.last for _, b in rows)]
+    lines = ["As in the authors' report: per strategy, the seed with the lowest area under "
+             "the curve of its metric over the experiences (trapezoid rule, unit spacing; "
+             f"the first of {', '.join(AUC_METRICS)} that every run records at every "
+             "experience), and the seed with the lowest solver forgetting at the last "
+             "experience; then that seed's metrics at its last experience "
+             "([summary.json](summary.json)).", ""]
+    body = [[label, b.criterion.replace("classifier_forgetting", "solver forgetting"),
+             str(b.seed), f"{b.value:.4g}", *(f"{b.last[m]:.4g}" if m in b.last else "–"
+                                              for m in shown)] for label, b in rows]
+    return lines + _table(["strategy", "best by", "seed", "value",
+                           *(_header(m) for m in shown)], body)
+
+
 def _reference_points() -> str:
     names = sorted(NOT_CONTENDERS, key=strategies.STRATEGIES.index)
     return " and ".join(STRATEGY_LABELS[name] for name in names)
@@ -505,6 +599,7 @@ def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[st
               "Columns are experiences; each cell is `mean ± SE (std s)` over seeds."]
     for metric in metrics:
         lines += ["", f"### {_header(metric)}", ""] + _metric_table(groups, table, metric)
+    lines += ["", "## Best seed", ""] + _best_seed_lines(groups)
     lines += ["", "## Figures", ""]
     lines += [f"![{name[:-4]}]({name})" for name in figures]
     if "class_histogram.png" not in figures:

@@ -131,7 +131,8 @@ def markdown_rows(text, heading):
 def test_files_written(written_report):
     out, written = written_report
     expected = {"report.md", "last_experience.csv", "last_experience.tex", "per_experience.csv",
-                "kld.png", "ard.png", "fd_classifier.png", "class_histogram.png", "samples.png"}
+                "kld.png", "ard.png", "fd_classifier.png", "class_histogram.png", "samples.png",
+                "summary.json"}
     assert set(written) == expected
     assert all(written[name] == os.path.join(out, name) for name in expected)
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
@@ -471,6 +472,56 @@ def test_one_seed_has_no_std(tmp_path):
     _, table = markdown_rows(open(written["report.md"]).read(), "## At the last")
     assert table["naive (fine-tuning)"][4] == "0.25"
     assert "naive (fine-tuning) & 0.250 \\\\" in open(written["last_experience.tex"]).read()
+
+
+# The best-seed summary: fd_classifier curves over 5 experiences and the AUCs by hand
+# (trapezoid rule, unit spacing): 8+5+3.5+2.5 = 19, 7+5+5+5 = 22, 7+2+2+2 = 13.
+BEST_CURVES = {42: [10, 6, 4, 3, 2], 69: [9, 5, 5, 5, 5], 1714: [12, 2, 2, 2, 2]}
+BEST_AUCS = {42: 19.0, 69: 22.0, 1714: 13.0}
+BEST_FORGETTING = {42: 0.3, 69: 0.1, 1714: 0.2}
+
+
+def _best_seed_runs(root, *, fid_everywhere):
+    workdirs = []
+    for seed, curve in BEST_CURVES.items():
+        rows = [{"fd_classifier": float(v), "kld": 1.0} for v in curve]
+        for k, row in enumerate(rows):
+            if fid_everywhere or k == len(rows) - 1:
+                row["fid"] = 100.0 - seed / 100 - k  # lowest AUC: seed 1714
+        rows[-1]["classifier_forgetting"] = BEST_FORGETTING[seed]
+        workdirs.append(write_run(root / f"gd_{seed}", "full_generation_distillation", seed,
+                                  rows, grid=False))
+    return workdirs
+
+
+def test_best_seed_summary_by_hand(tmp_path):
+    out = tmp_path / "report"
+    report.write_report(_best_seed_runs(tmp_path, fid_everywhere=False), str(out))
+    with open(out / "summary.json") as f:
+        entry = json.load(f)["generative distillation"]
+    assert entry["strategy"] == "full_generation_distillation"
+    assert entry["seeds"] == [42, 69, 1714]
+    by_auc, by_forgetting = entry["best"]
+    # FID only at the last experience: the AUC falls back to fd_classifier.
+    assert by_auc["criterion"] == "fd_classifier_auc"
+    assert by_auc["seed"] == 1714 and by_auc["value"] == BEST_AUCS[1714]
+    assert by_auc["last"]["fd_classifier"] == 2.0
+    assert by_auc["last"]["fid"] == 100.0 - 17.14 - 4
+    assert by_forgetting["criterion"] == "classifier_forgetting"
+    assert by_forgetting["seed"] == 69 and by_forgetting["value"] == 0.1
+    header, rows = markdown_rows((out / "report.md").read_text(), "## Best seed")
+    assert header[:4] == ["strategy", "best by", "seed", "value"]
+    assert [r[1:4] for r in rows.values()] == [["solver forgetting", "69", "0.1"]]
+    text = (out / "report.md").read_text()
+    assert "| generative distillation | fd_classifier_auc | 1714 | 13 |" in text
+
+
+def test_best_seed_ranks_by_fid_where_every_experience_has_it(tmp_path):
+    runs = report.load_runs(_best_seed_runs(tmp_path, fid_everywhere=True))
+    (by_auc, _), = [report.best_seeds(r) for r in runs.values()]
+    # FID 100 - seed/100 - k over k = 0..4: AUC = 4 * (100 - seed/100) - 8.
+    assert by_auc.criterion == "fid_auc" and by_auc.seed == 1714
+    assert by_auc.value == pytest.approx(4 * (100 - 17.14) - 8, abs=1e-12)
 
 
 def test_find_runs_expands_globs_in_order_without_repeats(tmp_path):
