@@ -3,7 +3,8 @@
 settings -> run (gdjax/run.py) -> compiled steps -> this loop -> checkpoints, metric rows,
 sample grids, and an evaluation hook after each experience (and every eval.every_steps
 steps within one, each such evaluation checkpointed; metrics/eval.jsonl), with the wall
-time of each phase in metrics/timing.jsonl. What changes as the loop goes
+time of each phase in metrics/timing.jsonl and the generator's model FLOPs per experience
+in metrics/compute.jsonl (gdjax/compute.py). What changes as the loop goes
 is one value, `LoopState` (the train state, the frozen teacher, the solver's state and its
 accuracies, the run's key): each loop function takes it and returns the next one, and as
 it stands it is the checkpoint tree. A run killed at any moment and restarted with the same
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdjax import data as gdata
-from gdjax import hosts, rng, rundir
+from gdjax import compute, hosts, rng, rundir
 from gdjax.checkpoint import Checkpointer, CheckpointWriteError
 from gdjax.convert import save_params
 from gdjax.eval import sampling
@@ -100,6 +101,7 @@ class Loop(NamedTuple):
     eval_hook: EvalHook | None
     callbacks: Callbacks
     timer: Timer
+    flops: compute.GeneratorFlops
 
 
 def save(loop: Loop, ls: LoopState, *, experience: int, step: int) -> None:
@@ -319,6 +321,7 @@ def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
         ls, row = _evaluate_end(loop, ls, k, params)
     log_row(loop, "experience", int(ls.train.step), row)
     log_timing(loop, k, int(ls.train.step))
+    log_row(loop, "compute", int(ls.train.step), loop.flops.experience_row(ls, k))
     with writing(loop, f"the metric rows to {rundir.metrics_dir(run.workdir)} (fsync)"):
         loop.logger.flush()
     save(loop, ls, experience=k + 1, step=0)
@@ -403,7 +406,8 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
     # Every process has read the checkpoint before process 0 writes (and prunes) any.
     hosts.barrier("gdjax: restored")
     logger = _open_logger(run, resumed, ckpt)
-    loop = Loop(run, ckpt, logger, eval_hook, callbacks or Callbacks(), Timer())
+    loop = Loop(run, ckpt, logger, eval_hook, callbacks or Callbacks(), Timer(),
+                compute.GeneratorFlops(run))
     try:
         ls = run_experiences(loop, ls, first, start)
         # The final model on its own, in the format launch/convert.py writes: a teacher for

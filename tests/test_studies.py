@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from configs import studies as study_configs
-from gdjax import continual, rundir, strategies
+from gdjax import compute, continual, rundir, strategies
 from gdjax.convert import restore_params
 from gdjax.logs import MetricLogger, read_metrics
 from gdjax.run import build, settings_from_config
+from gdjax.state import initial_state
 from gdjax.studies import common, iid, lambdas
 from gdjax.studies import sampling as sampling_study
 from tests.helpers import leaves, tiny_config
@@ -125,6 +126,21 @@ def test_evaluations_within_an_experience_are_logged_checkpointed_and_resumable(
     assert [t["step"] for t in read_metrics(killed, "timing")] == [2, 4, 6, 8]
     for a, b in zip(leaves(resumed.params), leaves(final.params)):
         np.testing.assert_array_equal(a, b)
+    # The generator's FLOPs per experience (gdjax/compute.py): the per-step counts times
+    # the steps, gaussian distillation's replay rows labelled, never sampled.
+    flops = read_metrics(whole, "compute")
+    assert read_metrics(killed, "compute") == flops
+    run = build(c, whole)
+    counter, ls = compute.GeneratorFlops(run), initial_state(run)
+    assert [r["experience"] for r in flops] == [0, 1]
+    for k, row in enumerate(flops):
+        total, sampling, labelling = counter.per_step(ls, k > 0)
+        assert row["generator_steps"] == 4 and row["generator_flops"] == 4 * total
+        assert (row["teacher_sampling_flops"], row["teacher_labelling_flops"]) == (
+            4 * sampling, 4 * labelling)
+        assert row["student_flops"] == pytest.approx(4 * (total - sampling - labelling))
+    assert flops[1]["teacher_sampling_flops"] == 0 < flops[1]["teacher_labelling_flops"]
+    assert flops[0]["teacher_labelling_flops"] == 0
 
 
 # ----------------------------------------------------------------------------- IID study
