@@ -19,6 +19,10 @@ launch/evaluate.py writes), groups the runs by strategy and writes into `out_dir
 - `class_histogram.png`: per strategy, the mean (± SE) generated class fractions at the last
   experience against the true class frequencies;
 - `samples.png`: the last-experience sample grid of each strategy's first seed, side by side.
+- `metrics_vs_compute.png`, `metrics_vs_wall_time.png`: each metric after each experience
+  against the generator's model FLOPs (metrics/compute.jsonl) or the wall time
+  (metrics/timing.jsonl) spent so far; report.md's "Compute" table gives the whole runs'
+  totals and their ratios to generative replay and to cumulative;
 - `summary.json`: per strategy its seeds and best seeds (best_seeds: lowest AUC of the
   generative metric over the experiences, lowest solver forgetting), as in the authors' report;
   report.md shows them under "Best seed".
@@ -422,6 +426,123 @@ def summary(groups: dict[str, list[RunRecord]]) -> dict:
             for label, runs in groups.items()}
 
 
+# ----------------------------------------------------------------------------- compute
+
+# metrics/compute.jsonl's parts of the generator's FLOPs (gdjax/compute.py), and their sum.
+FLOP_PARTS = ("student_flops", "teacher_sampling_flops", "teacher_labelling_flops")
+GENERATOR_FLOPS = "generator_flops"
+COST_LABELS = {GENERATOR_FLOPS: "generator TFLOP", "student_flops": "student",
+               "teacher_sampling_flops": "teacher sampling",
+               "teacher_labelling_flops": "teacher labelling", "wall_s": "wall time (min)"}
+
+
+def _per_experience(workdir: str, stream: str, key: str) -> dict[int, float]:
+    """`key` summed per experience over the rows of `stream` that have it."""
+    sums: dict[int, float] = collections.defaultdict(float)
+    for row in read_metrics(workdir, stream):
+        if isinstance(row.get("experience"), int) and _is_number(row.get(key)):
+            sums[row["experience"]] += float(row[key])
+    return dict(sums)
+
+
+def run_costs(run: RunRecord) -> dict[str, dict[int, float]]:
+    """cost -> experience -> value of one run: the generator's FLOPs and their parts
+    (metrics/compute.jsonl) and the wall seconds (metrics/timing.jsonl), each only where
+    the run has it at every one of its experiences."""
+    costs = {key: _per_experience(run.workdir, "compute", key)
+             for key in (GENERATOR_FLOPS, *FLOP_PARTS)}
+    costs["wall_s"] = _per_experience(run.workdir, "timing", "wall_s")
+    return {key: {k: v[k] for k in sorted(run.rows)} for key, v in costs.items()
+            if all(k in v for k in run.rows)}
+
+
+def cost_table(groups) -> dict[str, dict[str, Stat]]:
+    """label -> cost -> Stat over its runs of the whole run's total (sum over experiences)."""
+    table = {}
+    for label, runs in groups.items():
+        totals = collections.defaultdict(list)
+        for run in runs:
+            for key, per_k in run_costs(run).items():
+                totals[key].append(sum(per_k.values()))
+        table[label] = {key: summarize(v) for key, v in totals.items()}
+    return table
+
+
+def _reference_label(groups, strategy: str) -> str | None:
+    return next((label for label, runs in groups.items() if runs[0].strategy == strategy), None)
+
+
+def _ratio(stats: dict[str, Stat], ref: dict[str, Stat] | None, key: str) -> str:
+    if ref is None or key not in stats or key not in ref or not ref[key].mean:
+        return "–"
+    return f"{stats[key].mean / ref[key].mean:.3g}x"
+
+
+def _cost_lines(groups) -> list[str]:
+    table = cost_table(groups)
+    if not any(table.values()):
+        return ["No compute: no run has metrics/compute.jsonl or metrics/timing.jsonl rows "
+                "at every experience."]
+    refs = {s: _reference_label(groups, s) for s in (strategies.NO_DISTILLATION,
+                                                    strategies.CUMULATIVE)}
+    ref_names = {s: STRATEGY_LABELS[s] for s in refs}
+    header = ["strategy", *(COST_LABELS[k] for k in (GENERATOR_FLOPS, *FLOP_PARTS))]
+    header += [f"FLOPs x {ref_names[s]}" for s in refs]
+    header += [COST_LABELS["wall_s"]] + [f"time x {ref_names[s]}" for s in refs]
+    rows = []
+    for label, stats in table.items():
+        flops = [f"{stats[k].mean / 1e12:.4g}" if k in stats else "–"
+                 for k in (GENERATOR_FLOPS, *FLOP_PARTS)]
+        wall = stats.get("wall_s")
+        minutes = "–" if wall is None else _cell(
+            Stat(wall.mean / 60, wall.sem / 60, wall.std / 60, wall.n), wall.n)
+        rows.append([label, *flops,
+                     *(_ratio(stats, table.get(refs[s]), GENERATOR_FLOPS) for s in refs),
+                     minutes, *(_ratio(stats, table.get(refs[s]), "wall_s") for s in refs)])
+    return ["Per strategy, over the whole run (all experiences), the mean over seeds: the "
+            "generator's model FLOPs (products and convolutions of its train step, "
+            "gdjax/compute.py; TFLOP = 1e12) and their parts, and the wall time of the run "
+            "(training, the solver and evaluation included; `mean ± SE (std s)` in minutes), "
+            "each also as a multiple of generative replay's and cumulative's. The solver's "
+            "and the evaluation's FLOPs are not counted.", ""] + _table(header, rows)
+
+
+def cost_figure(groups, table: Table, cost: str) -> Figure | None:
+    """Each paper metric after experience k against the cost (`generator_flops` or
+    `wall_s`) spent up to the end of k: per label the means over its runs."""
+    metrics = [m for m in METRIC_ORDER if any(m in t for t in table.values())]
+    curves = {}
+    for label, runs in groups.items():
+        per_run = [run_costs(r).get(cost) for r in runs]
+        if per_run and all(per_run):
+            ks = sorted(set.intersection(*(set(c) for c in per_run)))
+            spent = np.mean([np.cumsum([c[k] for k in ks]) for c in per_run], axis=0)
+            curves[label] = (ks, spent / (1e12 if cost == GENERATOR_FLOPS else 60))
+    if not curves or not metrics:
+        return None
+    cols = min(len(metrics), 3)
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for label, (ks, spent) in curves.items():
+            stats = table[label].get(metric, {})
+            pts = [(x, stats[k].mean) for k, x in zip(ks, spent) if k in stats]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("generator TFLOP spent (model FLOPs)" if cost == GENERATOR_FLOPS
+                      else "wall time spent (minutes)")
+        ax.set_ylabel(_header(metric))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    what = "the generator's FLOPs" if cost == GENERATOR_FLOPS else "wall time"
+    fig.suptitle(f"Each metric after each experience against {what} spent so far "
+                 "(mean over seeds)", fontsize=10)
+    return fig
+
+
 # ----------------------------------------------------------------------------- files
 
 def _atomic_write(path: str, data: bytes | str) -> str:
@@ -482,6 +603,11 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
     histogram = class_histogram_figure(groups, last)
     if histogram is not None:
         written["class_histogram.png"] = _save_figure(histogram, out("class_histogram.png"))
+    for cost, name in ((GENERATOR_FLOPS, "metrics_vs_compute.png"),
+                       ("wall_s", "metrics_vs_wall_time.png")):
+        fig = cost_figure(groups, table, cost)
+        if fig is not None:
+            written[name] = _save_figure(fig, out(name))
     samples = samples_figure(groups, last)
     if samples is not None:
         written["samples.png"] = _save_figure(samples, out("samples.png"), tight=True)
@@ -600,6 +726,7 @@ def markdown(groups, table: Table, last: dict[str, int], *, figures: Sequence[st
     for metric in metrics:
         lines += ["", f"### {_header(metric)}", ""] + _metric_table(groups, table, metric)
     lines += ["", "## Best seed", ""] + _best_seed_lines(groups)
+    lines += ["", "## Compute", ""] + _cost_lines(groups)
     lines += ["", "## Figures", ""]
     lines += [f"![{name[:-4]}]({name})" for name in figures]
     if "class_histogram.png" not in figures:

@@ -25,7 +25,7 @@ from PIL import Image
 from configs import split_digits
 from gdjax import report
 from gdjax.grid import save_image_grid
-from gdjax.logs import MetricLogger
+from gdjax.logs import MetricLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (42, 69, 1714)
@@ -41,8 +41,10 @@ LABELS = {"naive": "naive (fine-tuning)", "cumulative": "cumulative (joint)",
 N_EXP = 5
 
 
-def write_run(workdir, strategy="naive", seed=42, rows=(), *, grid=True, **overrides):
-    """A finished-looking run: config.json, metrics/experience.jsonl and sample grids."""
+def write_run(workdir, strategy="naive", seed=42, rows=(), *, grid=True, streams=None,
+              **overrides):
+    """A finished-looking run: config.json, metrics/experience.jsonl and sample grids, and
+    the rows of `streams` ({stream: [(step, row)]})."""
     config = split_digits.get_config()
     config.strategy.name, config.seed = strategy, seed
     for key, value in overrides.items():
@@ -58,6 +60,9 @@ def write_run(workdir, strategy="naive", seed=42, rows=(), *, grid=True, **overr
             if grid:
                 shade = np.full((4, 8, 8, 1), (k + 1) / len(rows), np.float32)
                 save_image_grid(shade, os.path.join(workdir, "samples", f"experience_{k}.png"))
+        for stream, stream_rows in (streams or {}).items():
+            for step, row in stream_rows:
+                logger.write(stream, step, row)
     return str(workdir)
 
 
@@ -524,6 +529,66 @@ def test_best_seed_ranks_by_fid_where_every_experience_has_it(tmp_path):
     assert by_auc.value == pytest.approx(4 * (100 - 17.14) - 8, abs=1e-12)
 
 
+# Compute: per experience k = 0, 1, 2 (TFLOP) and wall seconds, written by hand; the
+# distillation run's totals 3 + 5 + 5 = 13 TFLOP and 60 + 120 + 120 = 300 s (seed 69 takes
+# 1.5 times as long: 450 s).
+COSTS = {"no_distillation": ([2, 4, 4], [60, 90, 90]),
+         "full_generation_distillation": ([3, 5, 5], [60, 120, 120]),
+         "cumulative": ([2, 2, 2], [30, 60, 90])}
+
+
+def _cost_runs(root):
+    workdirs = []
+    for strategy, (tflop, wall) in COSTS.items():
+        for seed in (42, 69):
+            rows = [{"kld": 1.0 / (k + 1)} for k in range(3)]
+            compute = [(400 * (k + 1), {
+                "experience": k, "generator_flops": tflop[k] * 1e12,
+                "student_flops": tflop[k] * 1e12 / 2,
+                "teacher_sampling_flops": tflop[k] * 1e12 / 4,
+                "teacher_labelling_flops": tflop[k] * 1e12 / 4}) for k in range(3)]
+            # Two timing rows in experience k: they add up.
+            slower = 1.5 if seed == 69 else 1.0
+            timing = [(400 * k + 200 * (i + 1), {"experience": k,
+                                                 "wall_s": part * wall[k] * slower})
+                      for k in range(3) for i, part in enumerate((0.25, 0.75))]
+            workdirs.append(write_run(root / f"{strategy}_{seed}", strategy, seed, rows,
+                                      grid=False, streams={"compute": compute,
+                                                           "timing": timing}))
+    return workdirs
+
+
+def test_compute_totals_ratios_and_figures_by_hand(tmp_path):
+    out = tmp_path / "report"
+    written = report.write_report(_cost_runs(tmp_path), str(out))
+    assert {"metrics_vs_compute.png", "metrics_vs_wall_time.png"} <= set(written)
+    header, rows = markdown_rows((out / "report.md").read_text(), "## Compute")
+    gd = rows["generative distillation"]
+    cells = dict(zip(header, gd))
+    assert cells["generator TFLOP"] == "13" and cells["student"] == "6.5"
+    assert cells["teacher sampling"] == cells["teacher labelling"] == "3.25"
+    assert cells["FLOPs x generative replay"] == f"{13 / 10:.3g}x"
+    assert cells["FLOPs x cumulative (joint)"] == f"{13 / 6:.3g}x"
+    minutes = [5.0, 7.5]
+    assert cells["wall time (min)"] == hand_cell(statistics.mean(minutes), hand_sem(minutes),
+                                                 statistics.stdev(minutes))
+    assert cells["time x generative replay"] == f"{300 / 240:.3g}x"
+    assert cells["time x cumulative (joint)"] == f"{300 / 180:.3g}x"
+    fig = report.cost_figure(report.load_runs(_cost_runs(tmp_path / "again")),
+                             report.per_experience(report.load_runs(_cost_runs(tmp_path / "t"))),
+                             "generator_flops")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    np.testing.assert_allclose(lines["generative distillation"].get_xdata(), [3, 8, 13])
+    np.testing.assert_allclose(lines["generative distillation"].get_ydata(), [1, 1 / 2, 1 / 3])
+
+
+def test_runs_without_compute_rows_say_so(grid_runs, written_report):
+    out, written = written_report
+    assert "metrics_vs_compute.png" not in written
+    with open(os.path.join(out, "report.md")) as f:
+        assert "No compute: no run has metrics/compute.jsonl" in f.read()
+
+
 def test_find_runs_expands_globs_in_order_without_repeats(tmp_path):
     for name in ("b1", "b2", "a"):
         (tmp_path / name).mkdir()
@@ -598,7 +663,13 @@ def test_tiny_digits_run_then_report_from_the_command_line(tmp_path):
                              f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "1 runs -> 8 files" in result.stdout
+    assert "1 runs -> 11 files" in result.stdout
+    # The run's own compute rows: naive's generator FLOPs are its student's alone.
+    _, costs = markdown_rows((out / "report.md").read_text(), "## Compute")
+    flops = read_metrics(workdir, "compute")
+    total = sum(r["generator_flops"] for r in flops)
+    assert total > 0 and costs["naive (fine-tuning)"][1] == f"{total / 1e12:.4g}"
+    assert costs["naive (fine-tuning)"][3:5] == ["0", "0"]
     rows = {(r["metric"], r["experience"]): r for r in read_csv(out / "per_experience.csv")}
     assert float(rows["kld", "1"]["mean"]) == 1.5
     assert float(rows["fd_classifier", "0"]["mean"]) == 10.0
