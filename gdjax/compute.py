@@ -148,3 +148,27 @@ class GeneratorFlops:
                 "teacher_sampling_flops": steps * sampling,
                 "teacher_labelling_flops": steps * labelling,
                 "generator_flops": steps * total}
+
+
+def write_missing_rows(workdir: str) -> bool:
+    """Writes metrics/compute.jsonl for a run that has experience rows but none of its own
+    (a run of a gdjax older than the count): the counts its config.json gives, at the
+    steps of its experience rows. Returns False, writing nothing, if the run has them."""
+    from configs import base
+    from gdjax.eval import rescore
+    from gdjax.logs import read_metrics, replace_stream
+    from gdjax.run import build
+    from gdjax.state import initial_state
+
+    if read_metrics(workdir, "compute"):
+        return False
+    experiences = read_metrics(workdir, "experience")
+    if not experiences:
+        raise ValueError(f"{workdir} has no rows in metrics/experience.jsonl: not a run that "
+                         f"finished an experience, so there is nothing to count")
+    run = build(rescore.load_config(workdir, base.get_config()), workdir)
+    ls, counter = initial_state(run), GeneratorFlops(run)
+    rows = [{"step": r["step"], **counter.experience_row(ls, r["experience"])}
+            for r in experiences]
+    replace_stream(workdir, "compute", rows)
+    return True

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdjax import compute, strategies
-from gdjax.run import build
+from gdjax import compute, rundir, strategies
+from gdjax.logs import MetricLogger, read_metrics
+from gdjax.run import build, settings_from_config
 from gdjax.state import initial_state
 from tests.helpers import tiny_config
 
@@ -108,3 +109,20 @@ def test_generator_split_against_the_forward_counted_alone(tmp_path, strategy):
     assert 2 * forward * trained / rows < student <= 3 * forward * trained / rows
     plain, s0, l0 = counter.per_step(ls, False)
     assert (s0, l0) == (0, 0) and 2 * forward < plain <= 3 * forward
+
+
+def test_runs_of_an_older_gdjax_get_their_rows_from_the_config(tmp_path):
+    config = tiny_config(strategies.NO_DISTILLATION)
+    workdir = str(tmp_path)
+    rundir.write_config(workdir, settings_from_config(config).config)
+    with pytest.raises(ValueError, match="no rows in metrics/experience.jsonl"):
+        compute.write_missing_rows(workdir)
+    with MetricLogger(workdir, tensorboard=False) as logger:
+        for k in range(2):
+            logger.write("experience", 4 * (k + 1), {"experience": k, "kld": 0.5})
+    assert compute.write_missing_rows(workdir)
+    run = build(config, workdir)
+    counter, ls = compute.GeneratorFlops(run), initial_state(run)
+    assert read_metrics(workdir, "compute") == [
+        {"step": 4 * (k + 1), **counter.experience_row(ls, k)} for k in range(2)]
+    assert not compute.write_missing_rows(workdir)  # it has them now: nothing written
