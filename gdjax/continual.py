@@ -107,7 +107,7 @@ class Loop(NamedTuple):
 def save(loop: Loop, ls: LoopState, *, experience: int, step: int) -> None:
     """Checkpoints `ls` as the start of (experience, step)."""
     meta = {"experience": experience, "step_in_experience": step,
-            "fingerprint": rundir.fingerprint(loop.run.settings.config)}
+            "fingerprint": rundir.run_fingerprint(loop.run.workdir, loop.run.settings.config)}
     loop.ckpt.save(int(ls.train.step), checkpoint_tree(ls), meta)
 
 
@@ -365,8 +365,8 @@ def _resume_step(run: Run, resumed_step: int | None) -> int | None:
     if not os.path.exists(rundir.config_path(run.workdir)):
         rundir.write_config(run.workdir, run.settings.config)
         return None
-    if rundir.fingerprint(rundir.read_config(run.workdir)) != rundir.fingerprint(
-            run.settings.config):
+    if rundir.fingerprint(rundir.read_config(run.workdir)) != rundir.run_fingerprint(
+            run.workdir, run.settings.config):
         raise ValueError(
             f"{run.workdir} holds a run of a different config (see its config.json): use "
             f"another --workdir, the same config to resume it, or --overwrite to start over.")

@@ -12,7 +12,8 @@
 
 The loop asks this module for paths and never builds one. `writing(what, resume_note)`
 wraps the write of a run output: a full disk becomes a `DiskFullError` naming the output
-and the checkpoint a rerun resumes from. `fingerprint` tells a run's config from another's.
+and the checkpoint a rerun resumes from. `fingerprint` tells a run's config from another's;
+`run_fingerprint` does so for a workdir's run, under code newer than the run (ADDED_KEYS).
 """
 
 from __future__ import annotations
@@ -100,6 +101,36 @@ def fingerprint(config: Mapping[str, Any]) -> str:
         config = config.to_dict()
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# Config keys added to configs/base.py after runs were made without them, each with the value
+# that does what the code before it did. A run whose config.json lacks such a key is the
+# same run as a config holding that value there, so newer code resumes (or skips) it; any
+# other value is another run. Add a key here only if that value reproduces the old code.
+ADDED_KEYS = {"eval.every_steps": 0}
+
+
+def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:
+    """`config` (a dict or ConfigDict) without the ADDED_KEYS that `stored` (a run's
+    config.json; None: a new run) lacks and `config` holds at their old-code value."""
+    config = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config,
+                                   default=_json_default))
+    for dotted, old_value in ADDED_KEYS.items():
+        *sections, key = dotted.split(".")
+        here, there = config, stored
+        for name in sections:
+            here = here.get(name, {}) if isinstance(here, dict) else {}
+            there = there.get(name, {}) if isinstance(there, Mapping) else {}
+        if stored is not None and key not in there and here.get(key, old_value) == old_value:
+            here.pop(key, None)
+    return config
+
+
+def run_fingerprint(workdir: str, config: Mapping[str, Any]) -> str:
+    """The fingerprint of `config` as the run in `workdir` would have it: `comparable` to
+    its config.json when it has one (checkpoints carry this, config.json is compared by it)."""
+    stored = read_config(workdir) if os.path.isfile(config_path(workdir)) else None
+    return fingerprint(comparable(config, stored))
 
 
 def _json_default(obj):

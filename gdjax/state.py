@@ -93,7 +93,7 @@ def restore(ckpt: Checkpointer, run: Run, template: LoopState):
     if restored is None:
         return None
     tree, meta = restored
-    if meta.get("fingerprint") != rundir.fingerprint(run.settings.config):
+    if meta.get("fingerprint") != rundir.run_fingerprint(run.workdir, run.settings.config):
         raise ValueError(
             f"{run.workdir} holds a run of a different config: use another --workdir, the "
             f"same config to resume it, or --overwrite to start over.")

@@ -229,6 +229,44 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         continual.train(tiny_config("naive", learning_rate=0.5), workdir)
 
 
+def test_a_run_of_code_before_an_added_key_resumes_under_new_code(tmp_path, monkeypatch):
+    """rundir.ADDED_KEYS: a run whose config.json lacks eval.every_steps (code before it) is
+    resumed by a config holding the old behaviour there (0), and ends as a run never
+    killed; any other value is another run."""
+    assert rundir.ADDED_KEYS["eval.every_steps"] == 0
+    real_write, real_save = rundir.write_config, continual.save
+
+    def old_write(workdir, config):  # config.json as the code before the key wrote it
+        config = json.loads(json.dumps(config))
+        del config["eval"]["every_steps"]
+        real_write(workdir, config)
+
+    def dying_save(loop, ls, *, experience, step):
+        if (experience, step) == (1, 3):
+            raise KeyboardInterrupt
+        real_save(loop, ls, experience=experience, step=step)
+
+    workdir = str(tmp_path / "old")
+    monkeypatch.setattr(rundir, "write_config", old_write)
+    monkeypatch.setattr(continual, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        continual.train(tiny_config("naive"), workdir)
+    monkeypatch.undo()
+    stored = rundir.read_config(workdir)
+    assert "every_steps" not in stored["eval"]
+    assert rundir.run_fingerprint(workdir, settings_from_config(tiny_config("naive")).config) \
+        == rundir.fingerprint(stored)
+    resumed = continual.train(tiny_config("naive"), workdir)
+    whole = continual.train(tiny_config("naive"), str(tmp_path / "whole"))
+    for a, b in zip(leaves(resumed.params), leaves(whole.params)):
+        np.testing.assert_array_equal(a, b)
+    assert read_metrics(workdir, "experience") == read_metrics(tmp_path / "whole", "experience")
+    other = tiny_config("naive")
+    other.eval.every_steps = 2
+    with pytest.raises(ValueError, match="different config"):
+        continual.train(other, workdir)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("strategy.name", "distillation", "strategy.name='distillation' is unknown"),
     ("train.criterion", "l1", "train.criterion='l1' is unknown"),
