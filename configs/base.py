@@ -94,7 +94,9 @@ def get_config() -> ConfigDict:
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.
     c.solver = ConfigDict(dict(
         enabled=True,
-        strategy="auto",        # auto (follows the generator) | naive | cumulative | generative_replay
+        strategy="auto",        # auto (follows the generator) | naive | cumulative |
+                                # generative_replay; the classifier's own baselines, no
+                                # generator replay: er | ewc | si | lwf (avalanche's)
         epochs=20,
         batch_size=128,
         learning_rate=1e-3,
@@ -104,6 +106,13 @@ def get_config() -> ConfigDict:
                                 # authors' -sum p_student log p_teacher (README: the solver)
         replay_pool=0,          # 0: fresh replay images every step (the reference) | N: N
                                 # images drawn once per experience, visited every epoch
+        # The baselines, at the authors' values (configs/strategy/cnn_w_*.json):
+        er_buffer_size=300,     # er: real images kept, an equal share per experience
+        ewc_lambda=1.0,         # ewc: the penalty's weight ("separate" mode)
+        si_lambda=1.0,          # si: the penalty's weight (lambda / 2 * omega * dtheta^2)
+        si_eps=1e-7,            # si: the damping of the importance
+        lwf_alpha=(0.0, 0.5, 1.33333, 2.25, 3.2),  # lwf: per experience; the last repeats
+        lwf_temperature=2.0,    # lwf: the distillation's softmax temperature
     ))
     c.log = ConfigDict(dict(
         tensorboard=True,

@@ -200,12 +200,13 @@ def train_solver(loop: Loop, ls: LoopState, k: int) -> LoopState:
     progress = Progress(s.solver.epochs, f"solver {k + 1}/{len(run.experiences)}",
                         unit="epoch")
     with loop.timer.phase("solver_s"):
-        solver = solver_lib.learn_experience(
+        solver, reg = solver_lib.learn_experience(
             s.solver, ls.solver, train=run.train, experiences=run.experiences, experience=k,
             seed=s.seed, gen_apply=run.apply_fn, gen_params=ls.teacher, schedule=run.schedule,
-            flip=s.data.flip, drop_last=s.data.drop_last, progress=progress)
+            flip=s.data.flip, drop_last=s.data.drop_last, progress=progress,
+            reg=ls.solver_reg)
     progress.close()
-    return ls._replace(solver=solver)
+    return ls._replace(solver=solver, solver_reg=reg)
 
 
 def call_groups(start: int, total: int, steps_per_call: int, *every: int) -> list:

@@ -250,7 +250,10 @@ def _solver(config) -> SolverConfig | None:
     return SolverConfig(strategy=strategy, epochs=s.epochs, batch_size=s.batch_size,
                         learning_rate=s.learning_rate, temperature=s.temperature,
                         gen_steps=config.eval.steps, replay_size=s.replay_size,
-                        replay_loss=s.replay_loss, replay_pool=s.replay_pool)
+                        replay_loss=s.replay_loss, replay_pool=s.replay_pool,
+                        er_buffer_size=s.er_buffer_size, ewc_lambda=s.ewc_lambda,
+                        si_lambda=s.si_lambda, si_eps=s.si_eps,
+                        lwf_alpha=tuple(s.lwf_alpha), lwf_temperature=s.lwf_temperature)
 
 
 def settings_from_config(config) -> Settings:

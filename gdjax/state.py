@@ -35,6 +35,7 @@ class LoopState(NamedTuple):
     solver: solver_lib.SolverState | None
     accuracy: np.ndarray | None  # float64 [n, n]: the solver on experience j after i
     key: jax.Array  # the train step's key (it folds in the global step)
+    solver_reg: Any = None  # the solver's EWC or SI state (gdjax/eval/regularisers.py)
 
 
 def initial_state(run: Run) -> LoopState:
@@ -45,14 +46,15 @@ def initial_state(run: Run) -> LoopState:
     teacher = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated
     if s.train.mode == "iid_distill":
         teacher = load_teacher(run)
-    solver, accuracy = None, None
+    solver, accuracy, reg = None, None, None
     if s.solver is not None:
         solver = solver_lib.init_state(s.solver, rng.key(s.seed, "solver_init"),
                                        run.image_shape)
         accuracy = np.zeros((len(run.experiences),) * 2)
+        reg = solver_lib.init_reg(s.solver, solver, len(run.experiences))
     state = init_state(params, run.optimizer)
     return LoopState(*on_mesh(run, (state, teacher)), solver, accuracy,
-                     rng.key(s.seed, "train_step"))
+                     rng.key(s.seed, "train_step"), reg)
 
 
 def on_mesh(run: Run, tree):
@@ -84,6 +86,8 @@ def checkpoint_tree(ls: LoopState) -> dict:
     tree = {"state": ls.train, "teacher": ls.teacher, "rng": jax.random.key_data(ls.key)}
     if ls.solver is not None:
         tree.update(solver=ls.solver, solver_accuracy=ls.accuracy)
+    if ls.solver_reg is not None:  # absent otherwise: older checkpoints keep their layout
+        tree.update(solver_reg=ls.solver_reg)
     return tree
 
 
@@ -100,5 +104,5 @@ def restore(ckpt: Checkpointer, run: Run, template: LoopState):
     key = jax.random.wrap_key_data(np.asarray(tree["rng"]))
     ls = LoopState(*on_mesh(run, (tree["state"], tree["teacher"])), tree.get("solver"),
                    None if template.accuracy is None else np.asarray(tree["solver_accuracy"]),
-                   key)
+                   key, tree.get("solver_reg"))
     return ls, meta["experience"], meta["step_in_experience"]

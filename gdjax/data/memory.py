@@ -19,15 +19,17 @@ from gdjax.data import pipeline, splits
 
 
 def buffer_indices(labels: np.ndarray, experiences: Sequence[Sequence[int]], k: int, *,
-                   size: int, seed: int) -> np.ndarray:
-    """Training-set indices (int64) in the buffer while experience k (0-based) is learned."""
+                   size: int, seed: int, stream: str = "er_buffer") -> np.ndarray:
+    """Training-set indices (int64) in the buffer while experience k (0-based) is learned:
+    an equal share of `size` per earlier experience, each a random subset (the named
+    random `stream` at that experience; the solver's ER draws its own)."""
     if k == 0:
         return np.zeros((0,), np.int64)
     quotas = [size // k + (1 if j < size % k else 0) for j in range(k)]
     parts = []
     for j, quota in enumerate(quotas):
         index = splits.experience_indices(labels, experiences[j])
-        order = rng.numpy_rng(seed, "er_buffer", j).permutation(len(index))
+        order = rng.numpy_rng(seed, stream, j).permutation(len(index))
         parts.append(index[order[:quota]])
     return np.concatenate(parts)
 

@@ -12,6 +12,16 @@ same experience. Its strategy follows the generator's:
   distillation term with temperature T, T^2 * mean_rows(-sum_c softmax(student/T)_c *
   log_softmax(teacher/T)_c): note the direction, as the baseline implements it.
 
+The classifier's own baselines, without the generator (the authors ran them through
+avalanche, configs/strategy/cnn_w_*.json; gdjax/eval/regularisers.py has the formulas):
+
+- "er": each batch of B real images gets B memory rows, real images (and labels) of the
+  previous experiences from a class-balanced buffer of `er_buffer_size` (avalanche's
+  ExperienceBalancedBuffer: an equal share per experience), cross-entropy over all rows;
+- "ewc", "si": cross-entropy plus the EWC or SI penalty (`ewc_lambda`, `si_lambda`);
+- "lwf": cross-entropy plus alpha_k times the distillation from the previous solver on the
+  batch's own images, over the classes seen before (`lwf_alpha`, `lwf_temperature`).
+
 The replay images, the teacher's labels and the student's update run in one jitted step
 whose frozen inputs (previous generator, previous solver) are explicit arguments. With
 `replay_pool = N` (not the reference) the previous generator draws N replay images once per
@@ -38,12 +48,16 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
+from gdjax.data import memory as gmemory
 from gdjax import ddim, hosts, losses, rng
 from gdjax.eval import batching, metrics
+from gdjax.eval import regularisers as reg_lib
 from gdjax.eval import classifier as cls
 from gdjax.schedule import Schedule
 
-SOLVER_STRATEGIES = ("naive", "cumulative", "generative_replay")
+SOLVER_STRATEGIES = ("naive", "cumulative", "generative_replay", "er", "ewc", "si", "lwf")
+# The baselines that need no generator, each with its own step (make_baseline_step).
+BASELINES = ("er", "ewc", "si", "lwf")
 # The replay term's direction: "forward" is knowledge distillation's cross-entropy of the
 # teacher's soft labels, -sum_c p_teacher log p_student; "reference" is the authors' code,
 # -sum_c p_student log p_teacher, whose gradient vanishes where the student is already
@@ -65,6 +79,13 @@ class SolverConfig:
     num_classes: int = 10
     replay_loss: str = "forward"  # or "reference" (REPLAY_LOSSES)
     replay_pool: int = 0  # 0: fresh replay images every step (the reference); N: N per experience
+    # The baselines (avalanche's, the authors' values):
+    er_buffer_size: int = 300
+    ewc_lambda: float = 1.0
+    si_lambda: float = 1.0
+    si_eps: float = 1e-7
+    lwf_alpha: tuple = (0.0, 0.5, 1.33333, 2.25, 3.2)  # per experience; the last repeats
+    lwf_temperature: float = 2.0
 
     def __post_init__(self):
         if self.replay_loss not in REPLAY_LOSSES:
@@ -82,6 +103,18 @@ class SolverConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"solver.{name}={value!r} must be an integer >= 0 (0: {zero}).")
+        if not (isinstance(self.er_buffer_size, int) and self.er_buffer_size >= 1):
+            raise ValueError(f"solver.er_buffer_size={self.er_buffer_size!r} must be an "
+                             f"integer >= 1.")
+        numbers = (self.ewc_lambda, self.si_lambda, self.si_eps, self.lwf_temperature,
+                   *self.lwf_alpha)
+        if (not self.lwf_alpha or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                          and v >= 0 for v in numbers)
+                or not self.si_eps > 0 or not self.lwf_temperature > 0):
+            raise ValueError(
+                f"solver.ewc_lambda={self.ewc_lambda}, si_lambda={self.si_lambda}, "
+                f"lwf_alpha={self.lwf_alpha} must be finite and >= 0 (lwf_alpha not empty), "
+                f"si_eps={self.si_eps} and lwf_temperature={self.lwf_temperature} > 0.")
         finite = all(isinstance(v, (int, float)) and math.isfinite(v)
                      for v in (self.temperature, self.learning_rate))
         if not finite or not self.temperature > 0 or not self.learning_rate > 0:
@@ -240,6 +273,89 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, 
                    out_shardings=(same, same))
 
 
+@functools.lru_cache(maxsize=8)
+def make_baseline_step(cfg: SolverConfig, mesh=None):
+    """The jitted step of a baseline (BASELINES) `(state, reg, memory_images, memory_labels,
+    images, labels, mask, experience, active, rng) -> (state, reg, loss)`: `reg` the
+    regulariser's state (EWC, SI; None otherwise), the memory rows ER's (None otherwise),
+    `active` [C] the classes seen before this experience (LwF's distilled units)."""
+    model, optimizer = cls.SimpleCNN(num_classes=cfg.num_classes), make_optimizer(cfg)
+    name = cfg.strategy
+
+    def loss_fn(params, teacher, reg, memory_images, memory_labels, images, labels, mask,
+                experience, active, rng):
+        inputs = images if memory_images is None else jnp.concatenate([images, memory_images])
+        logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": rng})
+        ce = optax.softmax_cross_entropy_with_integer_labels
+        if memory_images is not None:  # ER: the mean over the real and the memory rows
+            rows = jnp.concatenate([ce(logits[:images.shape[0]], labels) * mask,
+                                    ce(logits[images.shape[0]:], memory_labels)])
+            return jnp.sum(rows) / (jnp.sum(mask) + memory_images.shape[0])
+        loss = _mean(ce(logits, labels), mask)
+        if name == "ewc":
+            loss += cfg.ewc_lambda * reg_lib.ewc_penalty(params, reg)
+        elif name == "si":
+            loss += cfg.si_lambda / 2 * reg_lib.si_penalty(params, reg)
+        elif name == "lwf":
+            teacher_logits = jax.lax.stop_gradient(model.apply({"params": teacher}, images))
+            distil = reg_lib.lwf_loss(logits, teacher_logits, active, cfg.lwf_temperature, mask)
+            loss += jnp.where(experience > 0, reg_lib.lwf_alpha(cfg.lwf_alpha, experience)
+                              * distil, 0.0)
+        return loss
+
+    def step(state: SolverState, reg, memory_images, memory_labels, images, labels, mask,
+             experience, active, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.params, state.teacher, reg, memory_images, memory_labels, images, labels,
+            mask, experience, active, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if name == "si":
+            reg = reg_lib.si_accumulate(reg, grads, state.params, params)
+        return SolverState(params, opt_state, state.teacher), reg, loss
+
+    rows, same = shardings(mesh)
+    memory = rows if name == "er" else same
+    return jax.jit(step, donate_argnums=(0, 1),
+                   in_shardings=(same, same, memory, memory, rows, rows, rows, same, same,
+                                 same),
+                   out_shardings=(same, same, same))
+
+
+@functools.lru_cache(maxsize=4)
+def _fisher_batch(num_classes: int):
+    """jit: (params, images, labels, mask) -> the squared gradient of the batch's mean
+    cross-entropy over its real rows, the model in eval mode (EWC's importance)."""
+    model = cls.SimpleCNN(num_classes=num_classes)
+
+    def fisher(params, images, labels, mask):
+        def loss(p):
+            logits = model.apply({"params": p}, images)
+            return _mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
+        return jax.tree.map(jnp.square, jax.grad(loss)(params))
+
+    return jax.jit(fisher)
+
+
+def ewc_importance(cfg: SolverConfig, params, images: np.ndarray, labels: np.ndarray):
+    """EWC's importance of `params` on an experience's data: the mean over its minibatches
+    (in order, cfg.batch_size rows, the last one partial) of the squared gradient of each
+    minibatch's mean cross-entropy, dropout off (avalanche's compute_importances)."""
+    batch = min(cfg.batch_size, len(images))
+    rows_sharding, _ = shardings()
+    place = functools.partial(gdata.global_rows, sharding=rows_sharding)
+    fn = _fisher_batch(cfg.num_classes)
+    n = gdata.steps_per_epoch(len(images), batch, drop_last=False)
+    total = None
+    for i in range(n):
+        x, y = images[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]
+        real = (np.arange(batch) < len(x)).astype(np.float32)
+        f = fn(params, place(gdata.pad_rows(x, batch)), place(gdata.pad_rows(y, batch)),
+               place(real))
+        total = f if total is None else jax.tree.map(jnp.add, total, f)
+    return jax.tree.map(lambda t: t / n, total)
+
+
 def shardings(mesh=None) -> tuple[NamedSharding, NamedSharding]:
     """(rows split over 'data', replicated) on `mesh` (default: every device, 1-D)."""
     mesh = mesh or gdata.data_sharding().mesh
@@ -256,39 +372,86 @@ def experience_data(strategy: str, train: gdata.ImageSplit, experiences, k: int)
 def learn_experience(cfg: SolverConfig, state: SolverState, *, train: gdata.ImageSplit,
                      experiences, experience: int, seed: int, gen_apply: Callable,
                      gen_params, schedule: Schedule, flip: bool = False,
-                     drop_last: bool = False, progress=None) -> SolverState:
-    """The solver after experience k: the previous solver frozen as the teacher of its
-    replay, then trained on the experience's data (`train_experience`), replaying from
-    `gen_params` (the previous generator) under "generative_replay" from k = 1 on."""
+                     drop_last: bool = False, progress=None, reg=None):
+    """(the solver after experience k, its regulariser state): the previous solver frozen
+    as the teacher of its replay (or of LwF), then trained on the experience's data
+    (`train_experience`), replaying from `gen_params` (the previous generator) under
+    "generative_replay" from k = 1 on, from ER's buffer of real images under "er"; EWC's
+    importance and SI's consolidation follow the training (`reg`: `init_reg`'s state)."""
     state = state._replace(teacher=jax.tree.map(jnp.copy, state.params))
     data = experience_data(cfg.strategy, train, experiences, experience)
-    return train_experience(
+    memory, active = None, None
+    if cfg.strategy == "er" and experience > 0:
+        buffer = gmemory.buffer_indices(train.labels, experiences, experience,
+                                        size=cfg.er_buffer_size, seed=seed,
+                                        stream="solver_er_buffer")
+        memory = (train.images[buffer], train.labels[buffer])
+    if cfg.strategy == "lwf":
+        active = np.zeros(cfg.num_classes, np.float32)
+        if experience > 0:
+            active[list(gdata.seen_classes(experiences, experience - 1))] = 1.0
+    state, reg = train_experience(
         cfg, state, images=data.images, labels=data.labels, experience=experience, seed=seed,
         with_replay=cfg.strategy == "generative_replay" and experience > 0,
         gen_apply=gen_apply, gen_params=gen_params, schedule=schedule, flip=flip,
-        drop_last=drop_last, progress=progress)
+        drop_last=drop_last, progress=progress, reg=reg, memory=memory, active=active)
+    if cfg.strategy == "ewc":
+        importance = ewc_importance(cfg, state.params, data.images, data.labels)
+        reg = reg_lib.ewc_store(reg, state.params, importance, experience)
+    elif cfg.strategy == "si":
+        reg = reg_lib.si_consolidate(reg, state.params, cfg.si_eps)
+    return state, reg
+
+
+def init_reg(cfg: SolverConfig, state: SolverState, num_experiences: int):
+    """The regulariser state a solver strategy keeps (EWC, SI), replicated; None for the
+    others."""
+    reg = reg_lib.init(cfg.strategy, state.params, num_experiences)
+    return None if reg is None else jax.device_put(reg, shardings()[1])
+
+
+def _memory_rows(memory, *, seed: int, experience: int, epoch: int, step: int, rows: int,
+                 flip: bool):
+    """ER's memory rows (images, labels) of a solver step: `rows` drawn from the buffer
+    (stream "solver_er_memory"), flipped like the real rows when `flip`."""
+    images, labels = memory
+    pick = rng.numpy_rng(seed, "solver_er_memory", experience, epoch, step).choice(
+        len(images), rows, replace=len(images) < rows)
+    x = images[pick]
+    if flip:
+        mask = rng.numpy_rng(seed, "solver_er_flip", experience, epoch, step).random(rows)
+        x = gdata.flip_rows(x, mask < 0.5)
+    return x, labels[pick]
 
 
 def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarray,
                      labels: np.ndarray, experience: int, seed: int, with_replay: bool,
                      gen_apply: Callable | None = None, gen_params=None,
                      schedule: Schedule | None = None, flip: bool = False,
-                     drop_last: bool = False, progress=None) -> SolverState:
-    """Trains the solver on one experience's data (cfg.epochs epochs); returns its state.
+                     drop_last: bool = False, progress=None, reg=None, memory=None,
+                     active=None):
+    """Trains the solver on one experience's data (cfg.epochs epochs); returns (its state,
+    the regulariser state `reg` as the steps left it).
 
     The previous solver (`state.teacher`) must already be frozen by the caller. Adam starts
     afresh. Each epoch visits the named stream "solver_order" permutation in batches of
     `cfg.batch_size`, the last one partial (padded and masked) unless `drop_last`; `flip`
     mirrors rows as the generator's batches are (stream "solver_flip"); dropout and replay
     keys come from the stream "solver_step" (with `cfg.replay_pool`, the replay rows from
-    `replay_pool` and `pool_rows`). A rerun is identical.
+    `replay_pool` and `pool_rows`). The baselines (BASELINES) take their own step:
+    `memory` (images, labels) is ER's buffer, `active` [C] LwF's distilled classes. A rerun
+    is identical.
     """
     batch = min(cfg.batch_size, len(images))
     if batch < 1:
         raise ValueError(f"experience {experience} has no training images for the solver")
     pooled = with_replay and cfg.replay_pool > 0
-    step_fn = make_step(cfg, gen_apply if with_replay and not pooled else None, with_replay,
-                        pooled=pooled)
+    baseline = cfg.strategy in BASELINES
+    if baseline:
+        step_fn = make_baseline_step(cfg)
+    else:
+        step_fn = make_step(cfg, gen_apply if with_replay and not pooled else None,
+                            with_replay, pooled=pooled)
     frozen = (gen_params, schedule) if with_replay else (None, None)
     if pooled:
         pool = replay_pool(cfg, gen_apply, gen_params, schedule, seed=seed,
@@ -300,6 +463,8 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     state = jax.device_put(state._replace(opt_state=make_optimizer(cfg).init(state.params)),
                            same)
     place = functools.partial(gdata.global_rows, sharding=rows_sharding)
+    if active is not None:
+        active = jax.device_put(jnp.asarray(active), same)
     key = rng.key(seed, "solver_step", experience)
     per_epoch = gdata.steps_per_epoch(len(images), batch, drop_last=drop_last)
     for epoch in range(cfg.epochs):
@@ -312,19 +477,29 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
                 mask = rng.numpy_rng(seed, "solver_flip", experience, epoch, i).random(len(rows))
                 x = gdata.flip_rows(x, mask < 0.5)
             real = (np.arange(batch) < len(rows)).astype(np.float32)
-            if pooled:
-                frozen = (place(pool_rows(pool, seed=seed, experience=experience, epoch=epoch,
-                                          step=i, rows=cfg.replay_size or batch)), None)
-            state, loss = step_fn(state, *frozen, place(gdata.pad_rows(x, batch)),
-                                  place(gdata.pad_rows(labels[rows], batch)), place(real),
-                                  jnp.int32(experience),
-                                  jax.random.fold_in(key, epoch * per_epoch + i))
+            batch_in = (place(gdata.pad_rows(x, batch)),
+                        place(gdata.pad_rows(labels[rows], batch)), place(real),
+                        jnp.int32(experience))
+            step_key = jax.random.fold_in(key, epoch * per_epoch + i)
+            if baseline:
+                mem = (None, None)
+                if memory is not None:
+                    mem = tuple(map(place, _memory_rows(memory, seed=seed,
+                                                        experience=experience, epoch=epoch,
+                                                        step=i, rows=batch, flip=flip)))
+                state, reg, loss = step_fn(state, reg, *mem, *batch_in, active, step_key)
+            else:
+                if pooled:
+                    frozen = (place(pool_rows(pool, seed=seed, experience=experience,
+                                              epoch=epoch, step=i,
+                                              rows=cfg.replay_size or batch)), None)
+                state, loss = step_fn(state, *frozen, *batch_in, step_key)
             losses.append(loss)
         check_finite([hosts.host_copy(loss) for loss in losses], experience=experience,
                      epoch=epoch, first_step=epoch * per_epoch)
         if progress is not None:
             progress.update(1)
-    return state
+    return state, reg
 
 
 def accuracies(params, test: gdata.ImageSplit, experiences, k: int, *,
