@@ -12,11 +12,14 @@ the step counts and samples and use `--study.metric=fid` (Inception-v3).
   metric's spread against the number of samples (gdjax/studies/sampling.py).
 - lambda: each strategy's continual run at each lambda; every metric against lambda
   (gdjax/studies/lambdas.py).
+- replay_steps: continual runs at each DDIM step count of the solver's replay (and of the
+  evaluation's samples); the solver's accuracy and forgetting, and the generator's metric,
+  against the steps, and the accuracy against the metric (gdjax/studies/replay_steps.py).
 """
 
 from ml_collections import ConfigDict
 
-STUDIES = ("iid_distillation", "sampling_cost", "lambda")
+STUDIES = ("iid_distillation", "sampling_cost", "lambda", "replay_steps")
 
 
 def _teacher(c: ConfigDict) -> None:
@@ -53,6 +56,10 @@ def get_config(name: str = "iid_distillation") -> ConfigDict:
         c.sample_counts = (100, 200, 500, 1000, 2000, 5000)
         c.repeats = 5
         c.count_steps = 20  # DDIM steps of the samples-count curve (the authors')
+    elif name == "replay_steps":
+        c.strategies = ("full_generation_distillation",)
+        c.generation_steps = (2, 5, 10, 20)  # the authors' (their --generation_steps)
+        c.seeds = (42,)
     else:
         c.seeds = (42,)
         # The authors' ranges (REFERENCE §4), a few points each.

@@ -23,7 +23,7 @@ from gdjax.convert import restore_params
 from gdjax.logs import MetricLogger, read_metrics
 from gdjax.run import build, settings_from_config
 from gdjax.state import initial_state
-from gdjax.studies import common, iid, lambdas
+from gdjax.studies import common, iid, lambdas, replay_steps
 from gdjax.studies import sampling as sampling_study
 from tests.helpers import leaves, tiny_config
 
@@ -360,6 +360,60 @@ def test_lambda_study_runs_each_strategy_at_each_lambda_and_plots_it(tmp_path):
     with pytest.raises(ValueError, match="has no lambda"):
         study.lambdas = {"naive": (1.0,)}
         lambdas.plan(study, config_for)
+
+
+# ----------------------------------------------------------------------------- replay steps
+
+def test_replay_steps_study_plots_accuracy_against_steps_and_the_metric(tmp_path):
+    study = study_configs.get_config("replay_steps")
+    study.seeds = (1, 2)
+    study.generation_steps = (2, 10)
+
+    def config_for(name):
+        c = tiny_config(name, solver=True)
+        c.train.steps_per_experience = 2
+        return c
+
+    runs = replay_steps.plan(study, config_for)
+    assert [n for n, _ in runs] == [
+        "full_generation_distillation_steps2_seed1", "full_generation_distillation_steps2_seed2",
+        "full_generation_distillation_steps10_seed1", "full_generation_distillation_steps10_seed2"]
+    assert [(c.eval.steps, c.seed) for _, c in runs] == [(2, 1), (2, 2), (10, 1), (10, 2)]
+
+    def fake_train(config, workdir, eval_hook=None):
+        os.makedirs(workdir, exist_ok=True)
+        rundir.write_config(workdir, config.to_dict())
+        n, seed = config.eval.steps, config.seed
+        with MetricLogger(workdir, tensorboard=False) as logger:
+            for k in (0, 1):
+                logger.write("experience", 2 * (k + 1), {
+                    "experience": k, "classes_seen": 5 * (k + 1),
+                    "fd_classifier": 100.0 / n + seed + k,
+                    "classifier_accuracy": 0.05 * n + 0.01 * seed,
+                    "classifier_forgetting": 0.5 - 0.02 * n})
+
+    paths = replay_steps.run_study(study, config_for, str(tmp_path), train_fn=fake_train,
+                                   hook_fn=lambda c: None)
+    rows = {(int(r["steps"]), r["metric"]): r for r in read_csv(paths["replay_steps.csv"])}
+    # The last experience (k = 1), over seeds 1 and 2.
+    assert float(rows[2, "fd_classifier"]["mean"]) == pytest.approx(50 + 1.5 + 1)
+    assert float(rows[10, "classifier_accuracy"]["mean"]) == pytest.approx(0.515)
+    assert float(rows[10, "classifier_accuracy"]["sem"]) == pytest.approx(
+        statistics.pstdev([0.51, 0.52]) / math.sqrt(2))
+    assert float(rows[2, "classifier_forgetting"]["mean"]) == pytest.approx(0.46)
+    for name in ("accuracy_vs_steps.png", "forgetting_vs_steps.png",
+                 "fd_classifier_vs_steps.png", "fd_classifier_vs_accuracy.png", "report.md"):
+        assert os.path.getsize(paths[name]) > 0
+    fig = replay_steps.metric_vs_accuracy_figure(
+        [{**r, "mean": float(r["mean"]), "sem": float(r["sem"]), "steps": int(r["steps"])}
+         for r in rows.values()], "fd_classifier")
+    line, = fig.axes[0].get_lines()
+    assert line.get_label() == "generative distillation"
+    # Sorted by fd_classifier: 100/10 + 1.5 + 1 (10 steps), then 100/2 + 1.5 + 1 (2 steps).
+    np.testing.assert_allclose(line.get_xdata(), [12.5, 52.5])
+    np.testing.assert_allclose(line.get_ydata(), [0.515, 0.115])
+    with pytest.raises(ValueError, match="solver's accuracy"):
+        replay_steps.plan(study, lambda name: tiny_config(name, solver=False))
 
 
 # ----------------------------------------------------------------------------- the command

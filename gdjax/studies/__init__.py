@@ -9,11 +9,13 @@ from __future__ import annotations
 
 
 def run(study, config_for, root: str, **kwargs) -> dict[str, str]:
-    from gdjax.studies import iid, lambdas, sampling
+    from gdjax.studies import iid, lambdas, replay_steps, sampling
     if study.name == "iid_distillation":
         return iid.run_study(study, config_for("naive"), root, **kwargs)
     if study.name == "sampling_cost":
         return sampling.run_study(study, config_for("naive"), root, **kwargs)
     if study.name == "lambda":
         return lambdas.run_study(study, config_for, root, **kwargs)
+    if study.name == "replay_steps":
+        return replay_steps.run_study(study, config_for, root, **kwargs)
     raise ValueError(f"unknown study {study.name!r}: see configs/studies.py")

@@ -124,6 +124,29 @@ def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str] | None =
 
 # ----------------------------------------------------------------------------- figures
 
+def last_experience_rows(workdirs: Sequence[str], point_of, metrics: Sequence[str]) -> list:
+    """Per point (`point_of(run record) -> dict` of the fields that tell the point, e.g.
+    strategy and λ) and metric, the mean, SE, std and count over the point's runs (its
+    seeds) of the metric at each run's last experience: rows for write_csv."""
+    from gdjax import report
+
+    by_point: dict[tuple, list] = {}
+    for workdir in workdirs:
+        run = report.load_run(workdir)
+        point = point_of(run)
+        by_point.setdefault(tuple(point.items()), []).append(run)
+    rows = []
+    for point, group in sorted(by_point.items()):
+        last = [r.rows[max(r.rows)] for r in group]
+        for metric in metrics:
+            values = [row[metric] for row in last if isinstance(row.get(metric), (int, float))]
+            if values:
+                stat = report.summarize(values)
+                rows.append({**dict(point), "metric": metric, "mean": stat.mean,
+                             "sem": stat.sem, "std": stat.std, "seeds": stat.n})
+    return rows
+
+
 def line_figure(series: Mapping[str, tuple], *, xlabel: str, ylabel: str, title: str,
                 logx: bool = False, hlines: Mapping[str, float] | None = None) -> Figure:
     """One axes, a line per entry of `series` ({label: (x, y) or (x, y, error)}), with

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 
-from gdjax import report, strategies, sweep
+from gdjax import strategies, sweep
 from gdjax.report import METRIC_LABELS, STRATEGY_LABELS
 from gdjax.studies import common
 
@@ -55,21 +55,13 @@ def write_lambda_figures(study, root: str, workdirs) -> dict[str, str]:
     """lambda.csv (strategy, λ, metric, mean, SE, std, seeds at the last experience) and a
     figure per metric against λ."""
     out_dir = os.path.join(root, "report")
-    runs = [report.load_run(w) for w in workdirs]
-    by_point: dict[tuple, list] = {}
-    for r in runs:
-        s = r.config["strategy"]
-        by_point.setdefault((s["name"], float(s["lambd"])), []).append(r)
-    rows = []
-    for (name, lambd), group in sorted(by_point.items()):
-        last = [r.rows[max(r.rows)] for r in group]
-        for metric in PLOTTED:
-            values = [row[metric] for row in last if isinstance(row.get(metric), (int, float))]
-            if values:
-                stat = report.summarize(values)
-                rows.append({"strategy": name, "label": STRATEGY_LABELS[name], "lambda": lambd,
-                             "metric": metric, "mean": stat.mean, "sem": stat.sem,
-                             "std": stat.std, "seeds": stat.n})
+
+    def point(run):
+        name = run.config["strategy"]["name"]
+        return {"strategy": name, "label": STRATEGY_LABELS[name],
+                "lambda": float(run.config["strategy"]["lambd"])}
+
+    rows = common.last_experience_rows(workdirs, point, PLOTTED)
     paths = {"lambda.csv": common.write_csv(os.path.join(out_dir, "lambda.csv"), rows)}
     for metric in PLOTTED:
         series = {}
