@@ -178,7 +178,7 @@ def test_er_memory_rows_are_real_images_of_earlier_experiences(tmp_path, monkeyp
         assert np.isin(mem_y, run.experiences[0]).all()
 
 
-# Whole-loop runs of every baseline: slow (pytest.ini); the EWC resume below is the fast one.
+# Whole-loop runs of every baseline: slow (pytest.ini), as the EWC resume below.
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["er", "ewc", "si", "lwf"])
 def test_each_baseline_trains_beside_the_generator(strategy, tmp_path):
@@ -192,6 +192,7 @@ def test_each_baseline_trains_beside_the_generator(strategy, tmp_path):
     assert rows[0]["classifier_acc_exp_0"] > 0.3  # above chance (0.2) after one epoch
 
 
+@pytest.mark.slow  # a whole run twice (about a minute); the formulas above stay in the fast set
 def test_an_ewc_run_killed_after_its_first_experience_resumes_bitwise(tmp_path, monkeypatch):
     c = tiny_config("naive", solver=True)
     c.solver.strategy = "ewc"
