@@ -48,7 +48,9 @@ def torch_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+def _torch_shape(flax_shape: tuple[int, ...], leaf: str = "kernel") -> tuple[int, ...]:
+    if leaf == "embedding":  # nn.Embed and torch's nn.Embedding: both [labels, width]
+        return tuple(flax_shape)
     if len(flax_shape) == 4:  # conv kernel HWIO -> OIHW
         h, w, i, o = flax_shape
         return (o, i, h, w)
@@ -57,7 +59,9 @@ def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(flax_shape)
 
 
-def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+def _to_flax_layout(array: np.ndarray, leaf: str = "kernel") -> np.ndarray:
+    if leaf == "embedding":
+        return array
     if array.ndim == 4:
         return np.transpose(array, (2, 3, 1, 0))
     if array.ndim == 2:
@@ -68,7 +72,8 @@ def _to_flax_layout(array: np.ndarray) -> np.ndarray:
 def expected_torch_shapes(config: UNetConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """torch key -> (flax path, torch shape) for every parameter `UNet(config)` has."""
     flat = traverse_util.flatten_dict(param_shapes(config))
-    return {torch_key(path): (path, _torch_shape(tuple(s.shape))) for path, s in flat.items()}
+    return {torch_key(path): (path, _torch_shape(tuple(s.shape), path[-1]))
+            for path, s in flat.items()}
 
 
 def rename_legacy_keys(keys) -> dict[str, str]:
@@ -110,7 +115,7 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], config: UNetConf
     """
     originals = rename_legacy_keys(state_dict)
     check_state_dict({new: np.shape(state_dict[old]) for new, old in originals.items()}, config)
-    flat = {path: _to_flax_layout(_as_numpy(state_dict[originals[key]]))
+    flat = {path: _to_flax_layout(_as_numpy(state_dict[originals[key]]), path[-1])
             for key, (path, _) in expected_torch_shapes(config).items()}
     return traverse_util.unflatten_dict(flat)
 

@@ -45,7 +45,6 @@ _FIXED_DIFFUSERS_OPTIONS = {
     "attn_norm_num_groups": None,
     "resnet_time_scale_shift": "default",
     "class_embed_type": None,
-    "num_class_embeds": None,
 }
 # Config keys that never change the computation of a positional-embedding UNet2DModel.
 _IGNORED_DIFFUSERS_KEYS = ("num_train_timesteps",)
@@ -72,6 +71,10 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     add_attention: bool = True
+    # Class conditioning (diffusers' nn.Embedding class embedding, added to the time
+    # embedding): the number of labels, a null label for classifier-free guidance included
+    # where one is wanted; None: unconditional.
+    num_class_embeds: int | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -172,6 +175,10 @@ def _check_types(c: UNetConfig) -> None:
     head = c.attention_head_dim
     if head is not None and (not isinstance(head, (int, np.integer)) or head < 1):
         _fail("attention_head_dim", head, "must be a positive int or None")
+    classes = c.num_class_embeds
+    if classes is not None and (not isinstance(classes, (int, np.integer))
+                                or isinstance(classes, bool) or classes < 1):
+        _fail("num_class_embeds", classes, "must be a positive int or None (unconditional)")
 
 
 def _check_blocks(c: UNetConfig) -> None:
@@ -448,12 +455,13 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """`UNet(config)(x, t)`: noise prediction for NHWC `x` and timesteps `t` ([B] or scalar)."""
+    """`UNet(config)(x, t)`: noise prediction for NHWC `x` and timesteps `t` ([B] or scalar);
+    with `config.num_class_embeds`, `UNet(config)(x, t, class_labels)` ([B] ints)."""
 
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, class_labels=None) -> jax.Array:
         c = self.config
         c.validate()  # cheap, and runs at trace time, before XLA compiles anything
         dtype = jnp.dtype(c.dtype)
@@ -465,6 +473,16 @@ class UNet(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = TimestepEmbedding(c.time_embed_dim, dtype, name="time_embedding")(temb)
+        if c.num_class_embeds is not None:
+            if class_labels is None:
+                raise ValueError(f"this UNet is class-conditional (num_class_embeds="
+                                 f"{c.num_class_embeds}): pass class_labels [B]")
+            labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32), (x.shape[0],))
+            temb = temb + nn.Embed(c.num_class_embeds, c.time_embed_dim, dtype=dtype,
+                                   name="class_embedding")(labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional UNet: set "
+                             "num_class_embeds in its config to condition on classes")
 
         h = _conv(x.astype(dtype), c.block_out_channels[0], "conv_in", dtype)
         skips = [h]
@@ -516,7 +534,8 @@ def init_params(config: UNetConfig, rng: jax.Array) -> dict:
 
 
 def _leaf_bound(path: tuple[str, ...], flat: dict) -> float | None:
-    """The half-width of a leaf's uniform init, or None for a GroupNorm (constant) leaf."""
+    """The half-width of a leaf's uniform init, or None for a GroupNorm (constant) leaf
+    (and for the class embedding, drawn from N(0, 1) as torch's nn.Embedding)."""
     kernel = flat.get(path[:-1] + ("kernel",))
     if kernel is None:
         return None
@@ -531,8 +550,11 @@ def _draw_params(flat: dict, rng: jax.Array) -> dict:
     u = np.asarray(jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0))
     chunks = dict(zip(random_paths, np.split(u, np.cumsum(sizes)[:-1])))
     params = {}
-    for path, leaf in flat.items():
-        if bounds[path] is not None:
+    for i, (path, leaf) in enumerate(flat.items()):
+        if path[-1] == "embedding":
+            params[path] = np.asarray(jax.random.normal(jax.random.fold_in(rng, i), leaf.shape,
+                                                        jnp.float32))
+        elif bounds[path] is not None:
             params[path] = chunks[path].reshape(leaf.shape) * np.float32(bounds[path])
         else:
             params[path] = np.full(leaf.shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
@@ -545,7 +567,8 @@ def param_shapes(config: UNetConfig) -> dict:
     x = jax.ShapeDtypeStruct((1, config.sample_size, config.sample_size, config.in_channels),
                              jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(UNet(config).init, jax.random.key(0), x, t)["params"]
+    labels = () if config.num_class_embeds is None else (t,)
+    return jax.eval_shape(UNet(config).init, jax.random.key(0), x, t, *labels)["params"]
 
 
 def param_count(params) -> int:

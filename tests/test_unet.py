@@ -90,6 +90,46 @@ def test_matches_diffusers_with_other_options(options):
     assert relative_error(other, torch_eps(model, x, t)) > 1e-3
 
 
+def test_class_conditional_matches_diffusers():
+    """num_class_embeds: diffusers' nn.Embedding class embedding added to the time
+    embedding; 11 labels (10 classes and a null one for guidance)."""
+    config = unet.get_unet_config("tiny", num_class_embeds=11)
+    model = diffusers_model(config, seed=2)
+    params = convert.params_from_torch_state_dict(model.state_dict(), config)
+    assert params["class_embedding"]["embedding"].shape == (11, config.time_embed_dim)
+    apply = jax.jit(unet.UNet(config).apply)
+    x = random_images(config, seed=2)
+    for t, labels in zip(TIMESTEP_ROWS, ([0, 5, 10], [3, 3, 3], [10, 1, 7])):
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.tensor(t),
+                        class_labels=torch.tensor(labels)).sample.numpy().transpose(0, 2, 3, 1)
+        with jax.default_matmul_precision("highest"):
+            out = apply({"params": params}, x, jnp.array(t), jnp.array(labels))
+        assert relative_error(out, ref) <= PARITY_TOLERANCE, (t, labels)
+    # The label matters: another one changes the prediction.
+    other = apply({"params": params}, x, jnp.array(TIMESTEP_ROWS[0]), jnp.array([1, 2, 3]))
+    assert relative_error(other, np.asarray(apply({"params": params}, x,
+                                                  jnp.array(TIMESTEP_ROWS[0]),
+                                                  jnp.array([0, 5, 10])))) > 1e-3
+    # Fresh params: the embedding is N(0, 1), as torch's nn.Embedding.
+    fresh = unet.init_params(config, jax.random.key(0))["class_embedding"]["embedding"]
+    assert abs(float(np.std(fresh)) - 1.0) < 0.2 and abs(float(np.mean(fresh))) < 0.2
+    dconfig = dict(config.to_diffusers(), _class_name="UNet2DModel")
+    assert unet.UNetConfig.from_diffusers(dconfig) == config
+
+
+def test_class_labels_must_match_the_config():
+    conditional = unet.get_unet_config("tiny", num_class_embeds=3)
+    params = unet.init_params(conditional, jax.random.key(0))
+    x = random_images(conditional, batch=2)
+    with pytest.raises(ValueError, match="class-conditional .* pass class_labels"):
+        unet.UNet(conditional).apply({"params": params}, x, jnp.array([1, 2]))
+    plain = unet.get_unet_config("tiny")
+    with pytest.raises(ValueError, match="unconditional UNet"):
+        unet.UNet(plain).apply({"params": unet.init_params(plain, jax.random.key(0))}, x,
+                               jnp.array([1, 2]), jnp.array([0, 1]))
+
+
 def test_ddim_medium_param_count():
     # The paper's Fashion-MNIST denoiser; counted without allocating anything.
     assert unet.param_count(unet.param_shapes(unet.get_unet_config("ddim_medium"))) == 42_855_873
@@ -184,7 +224,6 @@ def test_diffusers_config_roundtrip():
 @pytest.mark.parametrize("key,value", [
     ("time_embedding_type", "fourier"),
     ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
     ("resnet_time_scale_shift", "scale_shift"),
     ("center_input_sample", True),
     ("act_fn", "gelu"),
@@ -214,6 +253,7 @@ def test_from_diffusers_accepts_explicit_default_time_embedding_dim():
     (dict(sample_size=15), "sample_size"),
     (dict(layers_per_block=0), "layers_per_block"),
     (dict(dtype="float64"), "dtype"),
+    (dict(num_class_embeds=0), "num_class_embeds"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"UNetConfig\.{field}"):
