@@ -75,6 +75,10 @@ def get_config() -> ConfigDict:
         reset_optimizer=True,   # Adam afresh each experience (the reference); False: carry it
         steps_per_call=1,       # k > 1: k steps per dispatch (lax.scan), for small models on
                                 # accelerators; logs, checkpoints and results as with 1
+        ema_decay=0.0,          # > 0: an exponential moving average of the params, updated in
+                                # the step; it is what the evaluation scores and saves
+        ema_teacher=False,      # True: the average, not the params, becomes the next
+                                # experience's teacher (MAGD's EMA teacher)
     ))
     c.eval = ConfigDict(dict(
         steps=10,

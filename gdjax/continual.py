@@ -175,13 +175,20 @@ def _check_finite(metrics: dict, k: int, step: int, global_step: int, since: int
         f"or set train.on_nan='skip' to drop such updates.")
 
 
+def evaluated_params(train: TrainState):
+    """The params that are scored, shown and saved: the moving average when the run keeps
+    one (train.ema_decay > 0), else the params."""
+    return train.params if train.ema is None else train.ema
+
+
 def begin_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
     """The state that starts experience k: the teacher frozen as the model ended k - 1,
     Adam afresh (train.reset_optimizer, as the reference), the solver trained on k."""
     run, s = loop.run, loop.run.settings
     if k > 0 and s.train.mode == "continual":
         # In buffers of its own: the state's are donated to the next step.
-        ls = ls._replace(teacher=jax.tree.map(jnp.copy, ls.train.params))
+        frozen = ls.train.ema if s.train.ema_teacher else ls.train.params
+        ls = ls._replace(teacher=jax.tree.map(jnp.copy, frozen))
     if k > 0 and s.train.reset_optimizer:
         ls = ls._replace(train=ls.train._replace(
             opt_state=on_mesh(run, run.optimizer.init(ls.train.params))))
@@ -282,7 +289,7 @@ def evaluate_within(loop: Loop, ls: LoopState, k: int, steps_done: int,
     row = {"experience": k, "step_in_experience": steps_done}
     if loop.eval_hook is not None:
         with loop.timer.phase("eval_s"):
-            row.update(loop.eval_hook(loop.run, k, ls.train.params))
+            row.update(loop.eval_hook(loop.run, k, evaluated_params(ls.train)))
     log_row(loop, "eval", global_step, row)
     log_timing(loop, k, global_step)
 
@@ -317,7 +324,7 @@ def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
     """Sample grid, solver metrics, evaluation, and the boundary checkpoint (which resumes
     at k + 1)."""
     run = loop.run
-    params = ls.train.params
+    params = evaluated_params(ls.train)
     with loop.timer.phase("eval_s"):
         ls, row = _evaluate_end(loop, ls, k, params)
     log_row(loop, "experience", int(ls.train.step), row)
@@ -416,7 +423,7 @@ def train(config, workdir: str, *, eval_hook: EvalHook | None = None,
         if hosts.is_writer():
             path = rundir.final_params_dir(workdir)
             with writing(loop, f"the final params to {path}"):
-                save_params(path, ls.train.params, run.settings.unet)
+                save_params(path, evaluated_params(ls.train), run.settings.unet)
     finally:
         try:
             with writing(loop, f"the metric rows to {rundir.metrics_dir(workdir)} (closing)"):

@@ -149,6 +149,8 @@ class TrainSettings:
     on_nan: str
     reset_optimizer: bool
     steps_per_call: int
+    ema_decay: float
+    ema_teacher: bool
 
     def __post_init__(self):
         _one_of(self.mode, MODES, "train.mode")
@@ -156,7 +158,13 @@ class TrainSettings:
         _one_of(self.on_nan, ON_NAN, "train.on_nan")
         _positive(self, "train", "batch_size", "log_every", "checkpoint_every", "max_to_keep",
                   "steps_per_call")
-        _bools(self, "train", "reset_optimizer")
+        _bools(self, "train", "reset_optimizer", "ema_teacher")
+        _require(isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
+                 and 0.0 <= self.ema_decay < 1.0,
+                 f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (0: no moving average).")
+        _require(not self.ema_teacher or self.ema_decay > 0,
+                 "train.ema_teacher=True takes the moving average as the next teacher: set "
+                 "train.ema_decay in (0, 1) too.")
         _require(self.steps_per_experience > 0 or self.epochs_per_experience > 0,
                  "set train.steps_per_experience or train.epochs_per_experience to a "
                  "positive value.")
@@ -379,7 +387,7 @@ class Run:
         strategy = s.strategy if with_replay else StrategyConfig(strategies.NAIVE)
         return _compiled_step(s.unet, s.diffusion, strategy, s.optim, s.train.criterion,
                               with_replay, self.sharding.mesh, s.train.mode == "iid_distill",
-                              s.train.on_nan, steps)
+                              s.train.on_nan, steps, float(s.train.ema_decay))
 
     def memory_batch(self, buffer, k: int, step: int, rows: int):
         """ER's memory rows of `step` of experience k, flipped like the real rows."""
@@ -416,12 +424,13 @@ class Run:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
-                   distill_only, on_nan, steps=1):
+                   distill_only, on_nan, steps=1, ema_decay=0.0):
     """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
     return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=diffusion.schedule(),
                            strategy=strategy, optimizer=make_optimizer(optim),
                            criterion=criterion, with_replay=with_replay, mesh=mesh,
-                           distill_only=distill_only, on_nan=on_nan, steps=steps)
+                           distill_only=distill_only, on_nan=on_nan, steps=steps,
+                           ema_decay=ema_decay)
 
 
 def load_data(d: DataSettings) -> tuple[gdata.ImageSplit, gdata.ImageSplit]:

@@ -107,7 +107,7 @@ def fingerprint(config: Mapping[str, Any]) -> str:
 # that does what the code before it did. A run whose config.json lacks such a key is the
 # same run as a config holding that value there, so newer code resumes (or skips) it; any
 # other value is another run. Add a key here only if that value reproduces the old code.
-ADDED_KEYS = {"eval.every_steps": 0,
+ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher": False,
               # the solver's baselines: read only under their own solver.strategy
               "solver.er_buffer_size": 300, "solver.ewc_lambda": 1.0, "solver.si_lambda": 1.0,
               "solver.si_eps": 1e-7, "solver.lwf_alpha": [0.0, 0.5, 1.33333, 2.25, 3.2],

@@ -52,7 +52,7 @@ def initial_state(run: Run) -> LoopState:
                                        run.image_shape)
         accuracy = np.zeros((len(run.experiences),) * 2)
         reg = solver_lib.init_reg(s.solver, solver, len(run.experiences))
-    state = init_state(params, run.optimizer)
+    state = init_state(params, run.optimizer, ema=s.train.ema_decay > 0)
     return LoopState(*on_mesh(run, (state, teacher)), solver, accuracy,
                      rng.key(s.seed, "train_step"), reg)
 

@@ -31,6 +31,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     skipped: jnp.ndarray  # int32 scalar: updates dropped so far (train.on_nan="skip")
+    ema: Any = None  # train.ema_decay > 0: the exponential moving average of `params`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,11 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return adam
 
 
-def init_state(params, optimizer: optax.GradientTransformation, experience: int = 0) -> TrainState:
+def init_state(params, optimizer: optax.GradientTransformation, experience: int = 0, *,
+               ema: bool = False) -> TrainState:
+    """A fresh train state; with `ema`, its moving average starts at `params`."""
     return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params),
-                      jnp.int32(0))
+                      jnp.int32(0), jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def _distill_loss(params, apply_fn, schedule, criterion, replay, replay_rows_mask):
@@ -150,7 +153,8 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
 def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
                     optimizer: optax.GradientTransformation, criterion: str = "mse",
                     with_replay: bool = True, mesh: Mesh | None = None,
-                    distill_only: bool = False, on_nan: str = "stop", steps: int = 1):
+                    distill_only: bool = False, on_nan: str = "stop", steps: int = 1,
+                    ema_decay: float = 0.0):
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
 
     `steps` = k > 1 (train.steps_per_call) gives `(state, teacher_params, batches, count,
@@ -168,6 +172,9 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     norm is not finite and counts the dropped update in `state.skipped`; "stop" applies
     every update and leaves the check to the caller. The settings are checked where they
     are built (gdjax/run.py), not here.
+
+    `ema_decay` (train.ema_decay): a state carrying `ema` (init_state(..., ema=True)) has it
+    updated after every step to ema_decay * ema + (1 - ema_decay) * params, inside the step.
 
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
@@ -202,7 +209,12 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
                    "grad_norm": grad_norm}
         if on_nan == "skip":
             metrics["skipped"] = skipped  # updates dropped so far, this one included
-        return TrainState(state.step + 1, state.experience, params, opt_state, skipped), metrics
+        ema = state.ema
+        if ema is not None:  # ema_decay * ema + (1 - ema_decay) * params (a dropped update:
+            # params unchanged, so the average still moves towards them)
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        return TrainState(state.step + 1, state.experience, params, opt_state, skipped,
+                          ema), metrics
 
     fn, shardings = train_step, (rows_sharding,)
     if steps > 1:
