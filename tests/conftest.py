@@ -92,7 +92,8 @@ def compilations():
 # not start last and leave one worker idle at the end.
 HEAVIEST_FIRST = ("test_reliability.py", "test_continual.py", "test_eval_hook.py",
                   "test_train_step.py", "test_benchmark.py", "test_bf16.py", "test_unet.py",
-                  "test_solver.py", "test_resnet.py", "test_inception.py", "test_report.py")
+                  "test_solver.py", "test_ema.py", "test_resnet.py", "test_inception.py",
+                  "test_report.py", "test_solver_baselines.py")
 
 
 def pytest_collection_modifyitems(items):
