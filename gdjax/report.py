@@ -238,8 +238,10 @@ def _is_bookkeeping(key: str) -> bool:
 
 
 def _varying_keys(configs: Sequence[dict]) -> list[str]:
-    """Keys (dotted) whose values differ between `configs`, seed and bookkeeping aside."""
-    flats = [_flatten(c) for c in configs]
+    """Keys (dotted) whose values differ between `configs`, seed and bookkeeping aside; a
+    run of older code lacking a key added since (rundir.ADDED_KEYS) holds its old-code value
+    there."""
+    flats = [_flatten(rundir.with_added_keys(c)) for c in configs]
     keys = sorted(set().union(*flats))
     # JSON text compares lists and absent keys (None) alike across configs.
     return [k for k in keys if not _is_bookkeeping(k)
@@ -259,7 +261,7 @@ def assign_labels(runs: Sequence[RunRecord]) -> None:
     for name, group in by_strategy.items():
         varying = _varying_keys([r.config for r in group])
         for run in group:
-            flat = _flatten(run.config)
+            flat = _flatten(rundir.with_added_keys(run.config))
             extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
             words = STRATEGY_LABELS.get(name, name)
             run.label = f"{words} ({extra})" if extra else words

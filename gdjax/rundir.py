@@ -130,6 +130,19 @@ def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> d
     return config
 
 
+def with_added_keys(config: Mapping[str, Any]) -> dict:
+    """A run's config.json dict with every ADDED_KEYS key it lacks at its old-code value:
+    runs of older and newer code side by side (a report's labels)."""
+    config = json.loads(json.dumps(config, default=_json_default))
+    for dotted, old_value in ADDED_KEYS.items():
+        *sections, key = dotted.split(".")
+        here = config
+        for name in sections:
+            here = here.setdefault(name, {})
+        here.setdefault(key, old_value)
+    return config
+
+
 def run_fingerprint(workdir: str, config: Mapping[str, Any]) -> str:
     """The fingerprint of `config` as the run in `workdir` would have it: `comparable` to
     its config.json when it has one (checkpoints carry this, config.json is compared by it)."""

@@ -451,6 +451,29 @@ def test_labels_name_the_config_keys_that_differ(tmp_path):
     assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
 
 
+def test_runs_of_older_code_share_a_label_with_newer_runs(tmp_path):
+    """A config.json written before a key existed (rundir.ADDED_KEYS) is the same run kind as
+    one holding that key's old-code value; another value there still sets a run apart."""
+    rows = [{"kld": 1.0}]
+    old = write_run(tmp_path / "old", "naive", 42, rows, grid=False)
+    path = os.path.join(old, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["eval"]["every_steps"], config["train"]["ema_decay"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    new = write_run(tmp_path / "new", "naive", 69, rows, grid=False)
+    other = write_run(tmp_path / "other", "naive", 1714, rows, grid=False,
+                      train__ema_decay=0.5)
+    groups = report.load_runs([old, new])
+    assert list(groups) == ["naive (fine-tuning)"]
+    assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
+    groups = report.load_runs([old, new, other])
+    assert sorted(groups) == ["naive (fine-tuning) (train.ema_decay=0.0)",
+                              "naive (fine-tuning) (train.ema_decay=0.5)"]
+    assert [r.seed for r in groups["naive (fine-tuning) (train.ema_decay=0.0)"]] == [42, 69]
+
+
 def test_missing_values_lower_n_and_are_marked(tmp_path):
     runs = [write_run(tmp_path / f"s{seed}", "naive", seed,
                       [{"kld": 0.5, **({"fid": float(seed)} if seed != 42 else {})}], grid=False)
