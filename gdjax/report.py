@@ -532,7 +532,6 @@ def cost_figure(groups, table: Table, cost: str) -> Figure | None:
             pts = [(x, stats[k].mean) for k, x in zip(ks, spent) if k in stats]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xscale("log")
         ax.set_xlabel("generator TFLOP spent (model FLOPs)" if cost == GENERATOR_FLOPS
                       else "wall time spent (minutes)")
         ax.set_ylabel(_header(metric))
