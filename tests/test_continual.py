@@ -229,6 +229,7 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         continual.train(tiny_config("naive", learning_rate=0.5), workdir)
 
 
+@pytest.mark.slow  # three runs (about 40 s); rundir.comparable's rule is used by every resume
 def test_a_run_of_code_before_an_added_key_resumes_under_new_code(tmp_path, monkeypatch):
     """rundir.ADDED_KEYS: a run whose config.json lacks eval.every_steps (code before it) is
     resumed by a config holding the old behaviour there (0), and ends as a run never

@@ -35,6 +35,7 @@ def test_the_average_is_the_float64_recursion_over_the_steps_params(tmp_path):
     assert max(np.abs(e - p).max() for e, p in zip(got, leaves(state.params))) > 1e-4
 
 
+@pytest.mark.slow  # a whole run (about 45 s); the recursion above stays in the fast set
 def test_the_average_is_evaluated_and_becomes_the_teacher(tmp_path, monkeypatch):
     c = tiny_config("full_generation_distillation", ema_decay=DECAY, ema_teacher=True)
     scored = {}
