@@ -229,6 +229,19 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         continual.train(tiny_config("naive", learning_rate=0.5), workdir)
 
 
+def test_added_keys_at_their_old_value_do_not_change_a_runs_fingerprint():
+    new = settings_from_config(tiny_config("naive")).config
+    old = json.loads(json.dumps(new))
+    del old["eval"]["every_steps"], old["train"]["ema_decay"]
+    assert rundir.fingerprint(rundir.comparable(new, old)) == rundir.fingerprint(old)
+    assert rundir.fingerprint(rundir.comparable(new, new)) == rundir.fingerprint(new)
+    assert rundir.fingerprint(rundir.comparable(new, None)) == rundir.fingerprint(new)
+    other = json.loads(json.dumps(new))
+    other["train"]["ema_decay"] = 0.5
+    assert rundir.fingerprint(rundir.comparable(other, old)) != rundir.fingerprint(old)
+    assert rundir.with_added_keys(old) == new
+
+
 @pytest.mark.slow  # three runs (about 40 s); rundir.comparable's rule is used by every resume
 def test_a_run_of_code_before_an_added_key_resumes_under_new_code(tmp_path, monkeypatch):
     """rundir.ADDED_KEYS: a run whose config.json lacks eval.every_steps (code before it) is
