@@ -27,11 +27,6 @@ from jax.extend import core as jcore
 
 from gdjax import strategies
 
-# Strategies whose replay rows come from the teacher's reverse process.
-GENERATING = frozenset({strategies.NO_DISTILLATION, strategies.FULL_GENERATION,
-                        strategies.PARTIAL_GENERATION})
-
-
 def _conv_flops(eqn) -> float:
     out = eqn.outvars[0].aval.shape
     rhs = eqn.invars[1].aval.shape
@@ -121,7 +116,7 @@ class GeneratorFlops:
             cfg, apply_fn=run.apply_fn, teacher_params=p, schedule=run.schedule, rng=key,
             image_shape=(rows, *shape), data_x_t=x, data_t=t, memory_x0=m),
             teacher, image(real), jax.ShapeDtypeStruct((real,), jnp.int32), image(rows))
-        if cfg.name not in GENERATING:
+        if cfg.name not in strategies.GENERATIVE_STRATEGIES:  # no reverse process
             return 0.0, total
         targets = (jax.ShapeDtypeStruct((rows,), jnp.int32)
                    if cfg.name == strategies.PARTIAL_GENERATION else None)

@@ -438,22 +438,28 @@ COST_LABELS = {GENERATOR_FLOPS: "generator TFLOP", "student_flops": "student",
                "teacher_labelling_flops": "teacher labelling", "wall_s": "wall time (min)"}
 
 
-def _per_experience(workdir: str, stream: str, key: str) -> dict[int, float]:
-    """`key` summed per experience over the rows of `stream` that have it."""
+def _per_experience(rows: Sequence[dict], key: str) -> dict[int, float]:
+    """`key` summed per experience over the `rows` that have it."""
     sums: dict[int, float] = collections.defaultdict(float)
-    for row in read_metrics(workdir, stream):
+    for row in rows:
         if isinstance(row.get("experience"), int) and _is_number(row.get(key)):
             sums[row["experience"]] += float(row[key])
     return dict(sums)
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_rows(workdir: str) -> tuple[tuple, tuple]:
+    """(compute rows, timing rows) of a run, read once per report."""
+    return (tuple(read_metrics(workdir, "compute")), tuple(read_metrics(workdir, "timing")))
 
 
 def run_costs(run: RunRecord) -> dict[str, dict[int, float]]:
     """cost -> experience -> value of one run: the generator's FLOPs and their parts
     (metrics/compute.jsonl) and the wall seconds (metrics/timing.jsonl), each only where
     the run has it at every one of its experiences."""
-    costs = {key: _per_experience(run.workdir, "compute", key)
-             for key in (GENERATOR_FLOPS, *FLOP_PARTS)}
-    costs["wall_s"] = _per_experience(run.workdir, "timing", "wall_s")
+    flops, timing = _cost_rows(run.workdir)
+    costs = {key: _per_experience(flops, key) for key in (GENERATOR_FLOPS, *FLOP_PARTS)}
+    costs["wall_s"] = _per_experience(timing, "wall_s")
     return {key: {k: v[k] for k in sorted(run.rows)} for key, v in costs.items()
             if all(k in v for k in run.rows)}
 
@@ -582,6 +588,7 @@ def _figure_file(metric: str) -> str:
 def write_report(workdirs: Sequence[str], out_dir: str, *,
                  stream: str = "experience") -> dict[str, str]:
     """Writes the report of `workdirs` into `out_dir`; returns {file name: path written}."""
+    _cost_rows.cache_clear()  # the files may have changed since an earlier report
     groups = load_runs(list(workdirs), stream)
     table = per_experience(groups)
     last = last_experiences(groups)

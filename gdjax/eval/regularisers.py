@@ -34,11 +34,6 @@ import jax.numpy as jnp
 SI_CLIP = 1e-3
 
 
-def tree_dot(a, b) -> jnp.ndarray:
-    """sum over every leaf of a * b."""
-    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 # ----------------------------------------------------------------------------- EWC
 
 def ewc_init(params, num_experiences: int) -> dict:
