@@ -58,6 +58,13 @@ def get_config() -> ConfigDict:
         teacher_eta=0.0,
         replay_size=0,          # 0: the batch size
         er_buffer_size=1000,
+        # The generator's regularisation baselines (gdjax/regularisers.py, CLoG's set), with
+        # any strategy: none | l2 | ewc | mas | si; the loss gains weight * sum importance *
+        # (params - previous experience's params)^2
+        regulariser="none",
+        regulariser_weight=1.0,
+        regulariser_batches=0,  # ewc / mas: batches measuring the importance; 0: an epoch
+        regulariser_eps=0.1,    # si: the damping of its importance
     ))
     c.train = ConfigDict(dict(
         mode="continual",       # continual | iid | iid_distill

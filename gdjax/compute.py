@@ -12,7 +12,9 @@ backend; the backward pass is counted as traced, not estimated.
 the generator's FLOPs split into the student's update (forward and backward of every row),
 the teacher's sampling (its reverse process for the replay rows) and the teacher's labelling
 (its predictions that the student regresses onto), each over the experience's steps, all
-read off the traces of the run's own train step and replay functions.
+read off the traces of the run's own train step and replay functions. The student's part
+also holds a regulariser's importance pass (EWC / MAS, `strategy.regulariser`: one forward
+and backward per batch measured, after every experience but the last).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from gdjax import strategies
+from gdjax import regularisers, strategies
 
 def _conv_flops(eqn) -> float:
     out = eqn.outvars[0].aval.shape
@@ -134,15 +136,31 @@ class GeneratorFlops:
             self._cache[with_replay] = (total, sampling, labelling)
         return self._cache[with_replay]
 
+    def importance(self, ls, k: int) -> float:
+        """FLOPs of the regulariser's importance pass at the end of experience k (0 for
+        those that measure none, and after the last experience)."""
+        run = self.run
+        if (run.settings.regulariser.name not in regularisers.DATA_IMPORTANCE
+                or k + 1 >= len(run.experiences)):
+            return 0.0
+        if "importance" not in self._cache:
+            s, (h, w, c) = run.settings, run.image_shape
+            batch = {"image": jax.ShapeDtypeStruct((s.train.batch_size, h, w, c), jnp.float32),
+                     "mask": jax.ShapeDtypeStruct((s.train.batch_size,), jnp.float32)}
+            self._cache["importance"] = flops(run.importance_fn(), _shapes(ls.train.params),
+                                              batch, _shapes(ls.key))
+        return run.regulariser_batches(k) * self._cache["importance"]
+
     def experience_row(self, ls, k: int) -> dict:
         """Experience k's row of metrics/compute.jsonl."""
         steps = self.run.num_steps(k)
         total, sampling, labelling = self.per_step(ls, self.run.uses_replay(k))
+        importance = self.importance(ls, k)
         return {"experience": k, "generator_steps": steps,
-                "student_flops": steps * (total - sampling - labelling),
+                "student_flops": steps * (total - sampling - labelling) + importance,
                 "teacher_sampling_flops": steps * sampling,
                 "teacher_labelling_flops": steps * labelling,
-                "generator_flops": steps * total}
+                "generator_flops": steps * total + importance}
 
 
 def write_missing_rows(workdir: str) -> bool:

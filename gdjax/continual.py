@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdjax import data as gdata
-from gdjax import compute, hosts, rng, rundir
+from gdjax import compute, hosts, regularisers, rng, rundir
 from gdjax.checkpoint import Checkpointer, CheckpointWriteError
 from gdjax.convert import save_params
 from gdjax.eval import sampling
@@ -320,10 +320,36 @@ def _evaluate_end(loop: Loop, ls: LoopState, k: int, params) -> tuple[LoopState,
     return ls, row
 
 
+def consolidate_regulariser(loop: Loop, ls: LoopState, k: int) -> LoopState:
+    """strategy.regulariser: experience k's importance added (EWC / MAS measure theirs on
+    its data here, in jitted code), the anchor moved to the params it ended with. Nothing
+    after the last experience, which no later one is held to."""
+    run, cfg = loop.run, loop.run.settings.regulariser
+    if ls.train.reg is None or k + 1 >= len(run.experiences):
+        return ls
+    importance = None
+    with loop.timer.phase("regulariser_s"):
+        if cfg.name in regularisers.DATA_IMPORTANCE:
+            n = run.regulariser_batches(k)
+            fn = run.importance_fn()
+            progress = Progress(n, f"{regularisers.LABELS[cfg.name]} importance {k + 1}/"
+                                   f"{len(run.experiences)}")
+            with run.batches(k, 0, n) as batches:
+                rows = ({"image": b["image"], "mask": b["mask"]} for b in batches)
+                importance = regularisers.mean_importance(
+                    fn, ls.train.params, rows, rng.key(run.settings.seed,
+                                                       "generator_importance", k), progress)
+            progress.close()
+        reg = jax.jit(functools.partial(regularisers.consolidate, cfg))(
+            ls.train.reg, ls.train.params, importance)
+    return ls._replace(train=ls.train._replace(reg=reg))
+
+
 def end_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
-    """Sample grid, solver metrics, evaluation, and the boundary checkpoint (which resumes
-    at k + 1)."""
+    """The regulariser's consolidation, sample grid, solver metrics, evaluation, and the
+    boundary checkpoint (which resumes at k + 1)."""
     run = loop.run
+    ls = consolidate_regulariser(loop, ls, k)
     params = evaluated_params(ls.train)
     with loop.timer.phase("eval_s"):
         ls, row = _evaluate_end(loop, ls, k, params)

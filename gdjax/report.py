@@ -67,7 +67,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from gdjax import data as gdata
-from gdjax import figures, files, rundir, strategies
+from gdjax import figures, files, regularisers, rundir, strategies
 from gdjax.eval import metrics as eval_metrics
 from gdjax.logs import read_metrics
 
@@ -252,18 +252,25 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _regulariser(run: RunRecord) -> str:
+    return rundir.with_added_keys(run.config)["strategy"]["regulariser"]
+
+
 def assign_labels(runs: Sequence[RunRecord]) -> None:
     """Sets each run's label: its strategy in the paper's words, plus the config values that
     set it apart from other runs of that strategy. Raises if one label holds a seed twice."""
     by_strategy = collections.defaultdict(list)
-    for run in runs:
-        by_strategy[run.strategy].append(run)
-    for name, group in by_strategy.items():
-        varying = _varying_keys([r.config for r in group])
+    for run in runs:  # a generator regulariser is part of the strategy's name
+        by_strategy[(run.strategy, _regulariser(run))].append(run)
+    for (name, reg), group in by_strategy.items():
+        varying = [k for k in _varying_keys([r.config for r in group])
+                   if k != "strategy.regulariser"]
         for run in group:
             flat = _flatten(rundir.with_added_keys(run.config))
             extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
             words = STRATEGY_LABELS.get(name, name)
+            if reg != regularisers.NONE:
+                words += f" + {regularisers.LABELS.get(reg, reg)}"
             run.label = f"{words} ({extra})" if extra else words
     seen: dict[tuple, str] = {}
     for run in runs:

@@ -23,6 +23,7 @@ STREAMS = {
     # the generator
     "unet_init": 1,
     "train_step": 2,        # jax: the train step folds in the global step
+    "generator_importance": 28,  # jax (experience): EWC / MAS importance, folded per batch
     "epoch_order": 3,       # numpy (experience, epoch): the order of the training rows
     "batch_flip": 4,        # numpy (experience, step): which rows are flipped
     "er_buffer": 5,         # numpy (experience j): the images experience j keeps

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
-from gdjax import losses, strategies, unet
+from gdjax import losses, regularisers, strategies, unet
 from gdjax.data import memory
 from gdjax.eval import CLASSIFIERS
 from gdjax.eval.solver import SOLVER_STRATEGIES, SolverConfig
@@ -224,6 +224,8 @@ class Settings:
     solver: SolverConfig | None  # None: no classifier trained beside the generator
     log: LogSettings
     config: dict = dataclasses.field(compare=False, repr=False)  # the ConfigDict, as JSON
+    # strategy.regulariser*: the generator's L2 / EWC / MAS / SI (gdjax/regularisers.py)
+    regulariser: regularisers.RegConfig = regularisers.RegConfig()
 
     @property
     def schedule(self) -> Schedule:
@@ -245,6 +247,11 @@ def _strategy(s, num_train_timesteps: int) -> StrategyConfig:
                          replay_size=s.replay_size, er_buffer_size=s.er_buffer_size)
     cfg.check_timesteps(num_train_timesteps)
     return cfg
+
+
+def _regulariser(s) -> regularisers.RegConfig:
+    return regularisers.RegConfig(name=s.regulariser, weight=s.regulariser_weight,
+                                  batches=s.regulariser_batches, eps=s.regulariser_eps)
 
 
 def _solver(config) -> SolverConfig | None:
@@ -288,7 +295,8 @@ def settings_from_config(config) -> Settings:
     settings = Settings(
         seed=config.seed, data=data, unet=model, diffusion=diffusion, strategy=strategy,
         optim=optim, train=train, eval=evaluation, solver=_solver(config),
-        log=_section(LogSettings, config.log), config=config_as_json(config))
+        log=_section(LogSettings, config.log), config=config_as_json(config),
+        regulariser=_regulariser(config.strategy))
     _check_across_sections(settings)
     return settings
 
@@ -306,6 +314,11 @@ def _check_across_sections(s: Settings) -> None:
         _require(name in IID_DISTILL_STRATEGIES,
                  f"train.mode='iid_distill' distils with strategy.name in "
                  f"{IID_DISTILL_STRATEGIES}, not {name!r}.")
+    if s.regulariser.enabled:
+        _require(s.train.mode == "continual",
+                 f"strategy.regulariser={s.regulariser.name!r} holds the generator to its "
+                 f"previous experiences: it needs train.mode='continual' (got "
+                 f"{s.train.mode!r}); set strategy.regulariser='none'.")
     if s.train.mode == "iid":
         _require(name == strategies.NAIVE,
                  f"train.mode='iid' trains on all the data at once: set strategy.name='naive' "
@@ -387,7 +400,19 @@ class Run:
         strategy = s.strategy if with_replay else StrategyConfig(strategies.NAIVE)
         return _compiled_step(s.unet, s.diffusion, strategy, s.optim, s.train.criterion,
                               with_replay, self.sharding.mesh, s.train.mode == "iid_distill",
-                              s.train.on_nan, steps, float(s.train.ema_decay))
+                              s.train.on_nan, steps, float(s.train.ema_decay), s.regulariser)
+
+    def regulariser_batches(self, k: int) -> int:
+        """The batches EWC / MAS measure experience k's importance on: strategy.
+        regulariser_batches, or one epoch of the experience's data."""
+        s = self.settings
+        return s.regulariser.batches or gdata.steps_per_epoch(
+            len(self.experience_data(k)), s.train.batch_size, drop_last=s.data.drop_last)
+
+    def importance_fn(self):
+        """The jitted importance of one batch for EWC / MAS (`regularisers.make_importance_fn`)."""
+        s = self.settings
+        return _compiled_importance(s.unet, s.diffusion, s.regulariser, s.train.criterion)
 
     def memory_batch(self, buffer, k: int, step: int, rows: int):
         """ER's memory rows of `step` of experience k, flipped like the real rows."""
@@ -424,13 +449,20 @@ class Run:
 
 @functools.lru_cache(maxsize=16)
 def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
-                   distill_only, on_nan, steps=1, ema_decay=0.0):
+                   distill_only, on_nan, steps=1, ema_decay=0.0,
+                   regulariser=regularisers.RegConfig()):
     """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
     return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=diffusion.schedule(),
                            strategy=strategy, optimizer=make_optimizer(optim),
                            criterion=criterion, with_replay=with_replay, mesh=mesh,
                            distill_only=distill_only, on_nan=on_nan, steps=steps,
-                           ema_decay=ema_decay)
+                           ema_decay=ema_decay, regulariser=regulariser)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_importance(unet_config, diffusion, regulariser, criterion):
+    return regularisers.make_importance_fn(regulariser, model_apply_fn(unet_config),
+                                           diffusion.schedule(), criterion)
 
 
 def load_data(d: DataSettings) -> tuple[gdata.ImageSplit, gdata.ImageSplit]:

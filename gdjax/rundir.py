@@ -111,7 +111,10 @@ ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher"
               # the solver's baselines: read only under their own solver.strategy
               "solver.er_buffer_size": 300, "solver.ewc_lambda": 1.0, "solver.si_lambda": 1.0,
               "solver.si_eps": 1e-7, "solver.lwf_alpha": [0.0, 0.5, 1.33333, 2.25, 3.2],
-              "solver.lwf_temperature": 2.0}
+              "solver.lwf_temperature": 2.0,
+              # the generator's regularisers (gdjax/regularisers.py)
+              "strategy.regulariser": "none", "strategy.regulariser_weight": 1.0,
+              "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.1}
 
 
 def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:

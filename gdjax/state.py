@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gdjax import rng, rundir, unet
+from gdjax import regularisers, rng, rundir, unet
 from gdjax.checkpoint import Checkpointer
 from gdjax.convert import restore_params
 from gdjax.eval import solver as solver_lib
@@ -52,7 +52,8 @@ def initial_state(run: Run) -> LoopState:
                                        run.image_shape)
         accuracy = np.zeros((len(run.experiences),) * 2)
         reg = solver_lib.init_reg(s.solver, solver, len(run.experiences))
-    state = init_state(params, run.optimizer, ema=s.train.ema_decay > 0)
+    state = init_state(params, run.optimizer, ema=s.train.ema_decay > 0,
+                       reg=regularisers.init(s.regulariser, params))
     return LoopState(*on_mesh(run, (state, teacher)), solver, accuracy,
                      rng.key(s.seed, "train_step"), reg)
 

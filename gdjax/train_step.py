@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gdjax import losses, strategies
+from gdjax import losses, regularisers, strategies
 from gdjax.schedule import Schedule, add_noise
 from gdjax.strategies import StrategyConfig
 
@@ -32,6 +32,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     skipped: jnp.ndarray  # int32 scalar: updates dropped so far (train.on_nan="skip")
     ema: Any = None  # train.ema_decay > 0: the exponential moving average of `params`
+    reg: Any = None  # strategy.regulariser: its anchor and importance (gdjax/regularisers.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +65,11 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(params, optimizer: optax.GradientTransformation, experience: int = 0, *,
-               ema: bool = False) -> TrainState:
-    """A fresh train state; with `ema`, its moving average starts at `params`."""
+               ema: bool = False, reg: Any = None) -> TrainState:
+    """A fresh train state; with `ema`, its moving average starts at `params`; `reg`: the
+    regulariser's state (`regularisers.init`)."""
     return TrainState(jnp.int32(0), jnp.int32(experience), params, optimizer.init(params),
-                      jnp.int32(0), jax.tree.map(jnp.copy, params) if ema else None)
+                      jnp.int32(0), jax.tree.map(jnp.copy, params) if ema else None, reg)
 
 
 def _distill_loss(params, apply_fn, schedule, criterion, replay, replay_rows_mask):
@@ -124,6 +126,20 @@ class _Spec(NamedTuple):
     use_replay: bool
     distill_only: bool
     constrain: Callable
+    regulariser: regularisers.RegConfig
+
+
+def _penalised(loss_fn: Callable, weight: float, reg) -> Callable:
+    """`loss_fn` plus weight * the regulariser's penalty; its parts gain the added term."""
+
+    def fn(params, *args):
+        loss, parts = loss_fn(params, *args)
+        if reg is None:
+            return loss, parts
+        added = weight * regularisers.penalty(params, reg)
+        return loss + added, (*parts, added)
+
+    return fn
 
 
 def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
@@ -145,7 +161,8 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
     if spec.distill_only:
         return jax.value_and_grad(_distill_loss, has_aux=True)(
             state.params, spec.apply_fn, spec.schedule, spec.criterion, replay, rows_mask)
-    return jax.value_and_grad(_student_loss, has_aux=True)(
+    loss_fn = _penalised(_student_loss, spec.regulariser.weight, state.reg)
+    return jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, spec.apply_fn, spec.schedule, spec.criterion, spec.strategy,
         state.experience, x_t, t, eps, replay, mask, rows_mask)
 
@@ -154,7 +171,8 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
                     optimizer: optax.GradientTransformation, criterion: str = "mse",
                     with_replay: bool = True, mesh: Mesh | None = None,
                     distill_only: bool = False, on_nan: str = "stop", steps: int = 1,
-                    ema_decay: float = 0.0):
+                    ema_decay: float = 0.0,
+                    regulariser: regularisers.RegConfig = regularisers.RegConfig()):
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
 
     `steps` = k > 1 (train.steps_per_call) gives `(state, teacher_params, batches, count,
@@ -176,6 +194,10 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     `ema_decay` (train.ema_decay): a state carrying `ema` (init_state(..., ema=True)) has it
     updated after every step to ema_decay * ema + (1 - ema_decay) * params, inside the step.
 
+    `regulariser` (strategy.regulariser): a state carrying `reg` (`regularisers.init`) adds
+    weight * its penalty to the loss (metric "reg_loss") and, for SI, adds the step's share
+    of the path integral to it, inside the step.
+
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
 
@@ -192,21 +214,26 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     spec = _Spec(apply_fn, schedule, strategy, criterion,
                  with_replay and strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE),
                  distill_only, (lambda x: jax.lax.with_sharding_constraint(x, rows_sharding))
-                 if mesh is not None else (lambda x: x))
+                 if mesh is not None else (lambda x: x), regulariser)
 
     def train_step(state: TrainState, teacher_params, batch, rng):
-        (loss, (data_loss, replay_loss)), grads = _loss_and_grads(spec, state, teacher_params,
-                                                                  batch, rng)
+        (loss, parts), grads = _loss_and_grads(spec, state, teacher_params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
+        reg = state.reg
+        if reg is not None:
+            reg = regularisers.accumulate(regulariser, reg, grads, state.params, params)
         skipped = state.skipped
         if on_nan == "skip":
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            params, opt_state = _select(ok, (params, opt_state), (state.params, state.opt_state))
+            params, opt_state, reg = _select(ok, (params, opt_state, reg),
+                                             (state.params, state.opt_state, state.reg))
             skipped = skipped + (~ok).astype(jnp.int32)
-        metrics = {"loss": loss, "data_loss": data_loss, "replay_loss": replay_loss,
+        metrics = {"loss": loss, "data_loss": parts[0], "replay_loss": parts[1],
                    "grad_norm": grad_norm}
+        if reg is not None:
+            metrics["reg_loss"] = parts[2]
         if on_nan == "skip":
             metrics["skipped"] = skipped  # updates dropped so far, this one included
         ema = state.ema
@@ -214,7 +241,7 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
             # params unchanged, so the average still moves towards them)
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         return TrainState(state.step + 1, state.experience, params, opt_state, skipped,
-                          ema), metrics
+                          ema, reg), metrics
 
     fn, shardings = train_step, (rows_sharding,)
     if steps > 1:

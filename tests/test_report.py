@@ -451,6 +451,26 @@ def test_labels_name_the_config_keys_that_differ(tmp_path):
     assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
 
 
+def test_a_generator_regulariser_is_named_in_the_label(tmp_path):
+    rows = [{"kld": 1.0}]
+    old = write_run(tmp_path / "old", "naive", 42, rows, grid=False)
+    path = os.path.join(old, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["strategy"]["regulariser"]  # written before the regularisers existed
+    with open(path, "w") as f:
+        json.dump(config, f)
+    runs = [old, write_run(tmp_path / "ewc", "naive", 42, rows, grid=False,
+                           strategy__regulariser="ewc", strategy__regulariser_weight=10.0),
+            write_run(tmp_path / "si", "naive", 42, rows, grid=False,
+                      strategy__regulariser="si"),
+            write_run(tmp_path / "gd_si", "full_generation_distillation", 42, rows,
+                      grid=False, strategy__regulariser="si")]
+    groups = report.load_runs(runs)
+    assert list(groups) == ["naive (fine-tuning)", "naive (fine-tuning) + EWC",
+                            "naive (fine-tuning) + SI", "generative distillation + SI"]
+
+
 def test_runs_of_older_code_share_a_label_with_newer_runs(tmp_path):
     """A config.json written before a key existed (rundir.ADDED_KEYS) is the same run kind as
     one holding that key's old-code value; another value there still sets a run apart."""
