@@ -20,6 +20,11 @@ VARIANTS = {
     "gaussian_symmetry_distillation": "gaussian_symmetry_distillation",
     "lwf_distillation": "lwf_distillation",
 }
+# Variants with a generator regulariser (gdjax/regularisers.py, at CLoG's weights): naive
+# fine-tuning plus L2, EWC, MAS or SI, CLoG's regularisation baselines.
+REGULARISED_VARIANTS = {"naive_l2": "l2", "naive_ewc": "ewc", "naive_mas": "mas",
+                        "naive_si": "si"}
+VARIANTS.update({name: "naive" for name in REGULARISED_VARIANTS})
 
 
 def get_config() -> ConfigDict:
@@ -62,9 +67,9 @@ def get_config() -> ConfigDict:
         # any strategy: none | l2 | ewc | mas | si; the loss gains weight * sum importance *
         # (params - previous experience's params)^2
         regulariser="none",
-        regulariser_weight=1.0,
+        regulariser_weight=0.0,  # 0: CLoG's for the method (l2 500, ewc 5e4, mas 2.5, si 5)
         regulariser_batches=0,  # ewc / mas: batches measuring the importance; 0: an epoch
-        regulariser_eps=0.1,    # si: the damping of its importance
+        regulariser_eps=0.01,   # si: the damping of its importance (CLoG's)
     ))
     c.train = ConfigDict(dict(
         mode="continual",       # continual | iid | iid_distill
@@ -181,6 +186,8 @@ def with_variant(config: ConfigDict, variant: str | None,
         if variant not in VARIANTS:
             raise ValueError(f"unknown config variant {variant!r}; use one of: {', '.join(VARIANTS)}")
         config.strategy.name = VARIANTS[variant]
+        if variant in REGULARISED_VARIANTS:
+            config.strategy.regulariser = REGULARISED_VARIANTS[variant]
     if lambdas and config.strategy.name in lambdas:
         config.strategy.lambd = lambdas[config.strategy.name]
     return config

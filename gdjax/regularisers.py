@@ -4,10 +4,12 @@ experience's parameters (the set CLoG compares), `strategy.regulariser`.
 Each adds `weight * sum_i importance_i * (theta_i - anchor_i)^2` to the generator's loss
 inside the one compiled train step, from the second experience on; the anchor is the
 generator's parameters at the end of the previous experience, and the importances of
-the experiences so far add up (one anchor, one importance: the memory of two extra copies
-of the parameters however many experiences there are).
+the experiences so far add up (one anchor, one importance: two extra copies of the
+parameters however many experiences there are). `regulariser_weight` 0 takes CLoG's
+weight for the method (DEFAULT_WEIGHTS).
 
-- L2: importance 1 (a plain squared distance).
+- L2: each tensor's mean squared distance, summed over the tensors (CLoG's form, so that
+  its weight carries over: importance 1 / the tensor's size).
 - EWC: the empirical Fisher. At an experience's end, for each of its first N batches
   (`regulariser_batches`; 0: one epoch), the gradient g_b of that batch's diffusion loss
   (the run's criterion over its real rows, fresh noise and timesteps) is squared, and the
@@ -20,10 +22,10 @@ of the parameters however many experiences there are).
   trajectory; at the end the importance gains trajectory / ((theta_end - anchor)^2 + eps)
   (`regulariser_eps`), unclipped as in Zenke et al. and CLoG, and the trajectory resets.
 
-How gdjax differs from CLoG's code, knowingly: its EWC and MAS sum the gradients of all
-batches before squaring (gradients are never zeroed between its batches) and its MAS
-takes the norm over the last image axis only; its L2 averages each tensor's squared
-distance instead of summing it; MAS carries a factor 1/2. The state is a pytree in the
+How gdjax differs from CLoG's code, knowingly: CLoG's EWC and MAS sum the gradients of
+all batches before squaring (they are never zeroed between its batches), so its EWC
+weight 5e4 does not mean the same here; its MAS takes the norm over the last image axis
+only and carries a factor 1/2 (its weight 5 is 2.5 here). The state is a pytree in the
 train state (`TrainState.reg`), checkpointed with it: a resumed run is bitwise the same.
 """
 
@@ -44,6 +46,9 @@ REGULARISERS = (NONE, L2, EWC, MAS, SI)
 # Those whose importance is measured on the experience's data at its end.
 DATA_IMPORTANCE = (EWC, MAS)
 LABELS = {L2: "L2", EWC: "EWC", MAS: "MAS", SI: "SI"}
+# CLoG's weights (utils/configs.py: L2_weight, ewc_weight, mas_weight / 2, si_weight), for
+# strategy.regulariser_weight = 0.
+DEFAULT_WEIGHTS = {L2: 500.0, EWC: 5e4, MAS: 2.5, SI: 5.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +56,9 @@ class RegConfig:
     """Static (hashable) regulariser settings: strategy.regulariser* of configs/base.py."""
 
     name: str = NONE
-    weight: float = 1.0
+    weight: float = 0.0  # 0: DEFAULT_WEIGHTS[name]
     batches: int = 0  # EWC / MAS: batches of the experience's data for the importance; 0: an epoch
-    eps: float = 0.1  # SI's damping
+    eps: float = 0.01  # SI's damping (CLoG's si_epsilon)
 
     def __post_init__(self):
         if self.name not in REGULARISERS:
@@ -77,6 +82,11 @@ class RegConfig:
     def enabled(self) -> bool:
         return self.name != NONE
 
+    @property
+    def scale(self) -> float:
+        """The weight the penalty is multiplied by: `weight`, or the method's default."""
+        return float(self.weight or DEFAULT_WEIGHTS.get(self.name, 0.0))
+
 
 def init(cfg: RegConfig, params) -> dict | None:
     """A fresh run's regulariser state (None without one): anchored at `params`, inactive
@@ -93,14 +103,15 @@ def init(cfg: RegConfig, params) -> dict | None:
 
 
 def penalty(params, reg: dict) -> jnp.ndarray:
-    """sum importance * (params - anchor)^2 (importance 1 for L2); 0 while inactive."""
+    """sum importance * (params - anchor)^2 (L2, with no importance: the sum over tensors
+    of each one's mean squared distance); 0 while inactive."""
     anchors = jax.tree.leaves(reg["anchor"])
     importance = jax.tree.leaves(reg["importance"]) if "importance" in reg else [None] * len(
         anchors)
     total = jnp.float32(0.0)
     for p, a, w in zip(jax.tree.leaves(params), anchors, importance):
         d2 = (p.astype(jnp.float32) - a) ** 2
-        total = total + jnp.sum(d2 if w is None else w * d2)
+        total = total + (jnp.mean(d2) if w is None else jnp.sum(w * d2))
     return reg["active"] * total
 
 

@@ -113,8 +113,8 @@ ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher"
               "solver.si_eps": 1e-7, "solver.lwf_alpha": [0.0, 0.5, 1.33333, 2.25, 3.2],
               "solver.lwf_temperature": 2.0,
               # the generator's regularisers (gdjax/regularisers.py)
-              "strategy.regulariser": "none", "strategy.regulariser_weight": 1.0,
-              "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.1}
+              "strategy.regulariser": "none", "strategy.regulariser_weight": 0.0,
+              "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.01}
 
 
 def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:

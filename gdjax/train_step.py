@@ -161,7 +161,7 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
     if spec.distill_only:
         return jax.value_and_grad(_distill_loss, has_aux=True)(
             state.params, spec.apply_fn, spec.schedule, spec.criterion, replay, rows_mask)
-    loss_fn = _penalised(_student_loss, spec.regulariser.weight, state.reg)
+    loss_fn = _penalised(_student_loss, spec.regulariser.scale, state.reg)
     return jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, spec.apply_fn, spec.schedule, spec.criterion, spec.strategy,
         state.experience, x_t, t, eps, replay, mask, rows_mask)
@@ -195,7 +195,7 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     updated after every step to ema_decay * ema + (1 - ema_decay) * params, inside the step.
 
     `regulariser` (strategy.regulariser): a state carrying `reg` (`regularisers.init`) adds
-    weight * its penalty to the loss (metric "reg_loss") and, for SI, adds the step's share
+    its weight (`RegConfig.scale`) * its penalty to the loss (metric "reg_loss") and, for SI, adds the step's share
     of the path integral to it, inside the step.
 
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's

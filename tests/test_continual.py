@@ -406,7 +406,9 @@ def test_every_config_variant_is_valid(module):
     for variant, strategy in base.VARIANTS.items():
         c = get_config(variant)
         assert c.strategy.name == strategy
-        assert settings_from_config(c).strategy.name == strategy
+        settings = settings_from_config(c)
+        assert settings.strategy.name == strategy
+        assert settings.regulariser.name == base.REGULARISED_VARIANTS.get(variant, "none")
 
 
 def test_missing_data_directory_is_named(tmp_path, no_system_data):

@@ -99,7 +99,7 @@ def test_penalty_and_consolidation_match_numpy():
     np.testing.assert_allclose(float(regularisers.penalty(params, reg)), want, rtol=1e-6)
     l2 = {"anchor": anchor, "active": jnp.float32(1.0)}
     np.testing.assert_allclose(float(regularisers.penalty(params, l2)),
-                               sum(np.sum((p[k] - a[k]) ** 2) for k in p), rtol=1e-6)
+                               sum(np.mean((p[k] - a[k]) ** 2) for k in p), rtol=1e-6)
     assert float(regularisers.penalty(params, {**reg, "active": jnp.float32(0.0)})) == 0.0
 
     # EWC / MAS: the importances add up and the anchor moves to the params.
@@ -263,6 +263,9 @@ def test_a_regularised_run_killed_mid_experience_resumes_bitwise(name, tmp_path,
                                                                       "train")
 
 
-def test_no_regulariser_by_default(tmp_path):
+def test_no_regulariser_by_default_and_clogs_weights_unless_given(tmp_path):
     reg = build(tiny_config(), str(tmp_path)).settings.regulariser
     assert not reg.enabled
+    c = _config("ewc", regulariser_weight=0.0)
+    assert settings_from_config(c).regulariser.scale == 5e4
+    assert settings_from_config(_config("mas")).regulariser.scale == 5.0  # given
