@@ -196,6 +196,7 @@ def _config(name, **strategy):
     return c
 
 
+@pytest.mark.slow  # a whole run with its own compiled step (the fast set is near its bound)
 def test_an_ewc_run_measures_on_its_data_and_pulls_towards_the_last_experience(
         tmp_path, monkeypatch, compilations):
     measured = []
