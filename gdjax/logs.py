@@ -243,7 +243,7 @@ class MetricLogger:
         if self._tb is not None:
             for name, value in row.items():
                 if name != "step":
-                    self._tb.add_scalar(f"{stream}/{name}", value, global_step=step)
+                    self._tb.add_scalar(f"{stream}/{name}", value, step)
         if self._wandb is not None:
             self._wandb.log({f"{stream}/{k}": v for k, v in row.items() if k != "step"}, step=step)
 
@@ -283,20 +283,61 @@ def _to_step(step: Any) -> int:
     return int(array)
 
 
+class _TensorBoardEvents:
+    """A synchronous TensorBoard event file: every event is in the file when `flush` returns.
+
+    tensorboardX's SummaryWriter hands events to a background thread through a queue, and its
+    `flush` flushes only the file, not the queue, so events written just before it could miss
+    the file (and a kill). This writes the same records in the caller's thread instead.
+    """
+
+    def __init__(self, logdir: pathlib.Path, purge_step: int | None):
+        from tensorboardX import event_file_writer, summary
+        from tensorboardX.proto import event_pb2
+
+        self._summary, self._pb = summary, event_pb2
+        logdir.mkdir(parents=True, exist_ok=True)
+        # Two writers opened in the same second (a quick resume) would share tensorboardX's
+        # file name; the suffix keeps them apart and in the order they were opened.
+        self._writer = event_file_writer.EventsWriter(
+            str(logdir / "events"), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        if purge_step is not None:
+            # A SessionLog START hides the earlier events from purge_step on in TensorBoard.
+            self._writer.write_event(event_pb2.Event(
+                wall_time=time.time(), step=purge_step,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def _write(self, summary_proto, step: int) -> None:
+        self._writer.write_event(
+            self._pb.Event(wall_time=time.time(), step=int(step), summary=summary_proto))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(self._summary.scalar(tag, float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._write(self._summary.text(tag, text), step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _open_tensorboard(workdir: pathlib.Path, resume_step: int | None,
                       config: Mapping[str, Any] | None):
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX  # noqa: F401
     except ImportError as e:
         _warn_once("tensorboardX", f"TensorBoard logging off: cannot import tensorboardX ({e})")
         return None
     # purge_step hides the killed run's events after the checkpoint in TensorBoard's view,
     # the counterpart of the truncated JSON rows.
     purge_step = None if resume_step is None else int(resume_step) + 1
-    writer = SummaryWriter(logdir=str(workdir / "tensorboard"), purge_step=purge_step)
+    writer = _TensorBoardEvents(workdir / "tensorboard", purge_step)
     if config is not None and resume_step is None:
         text = json.dumps(dict(config), indent=2, sort_keys=True, default=str)
-        writer.add_text("config", f"```\n{text}\n```", global_step=0)
+        writer.add_text("config", f"```\n{text}\n```", 0)
     return writer
 
 

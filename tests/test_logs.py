@@ -18,11 +18,13 @@ from gdjax import grid, logs
 
 
 def read_event_scalars(logdir):
-    """(tag, step, value) of every scalar in the event files under `logdir`, plus the steps of
-    SessionLog START (purge) events; a TFRecord reader independent of tensorboardX's writer."""
+    """(tag, step, value) of every scalar in the event files under `logdir`, the steps of
+    SessionLog START (purge) events, and the text summaries by tag; a TFRecord reader
+    independent of tensorboardX's writer."""
     from tensorboardX.proto import event_pb2
 
     scalars, starts = [], []
+    texts = {}
     for path in sorted(logdir.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         offset = 0
@@ -36,7 +38,9 @@ def read_event_scalars(logdir):
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     scalars.append((value.tag, event.step, value.simple_value))
-    return scalars, starts
+                elif value.tensor.string_val:
+                    texts[value.tag] = value.tensor.string_val[0].decode()
+    return scalars, starts, texts
 
 
 # ----------------------------------------------------------------------------- JSON rows
@@ -139,12 +143,13 @@ def test_tensorboard_scalars_and_purge_on_resume(tmp_path):
         logger.write("train", 2, {"loss": 0.25})
         logger.write("eval", 2, {"fid": 12.5})
         logger.flush()
-        scalars, starts = read_event_scalars(tmp_path / "tensorboard")
+        scalars, starts, texts = read_event_scalars(tmp_path / "tensorboard")
         assert scalars == [("train/loss", 1, 0.5), ("train/loss", 2, 0.25), ("eval/fid", 2, 12.5)]
         assert starts == []
+        assert '"lr": 0.001' in texts["config/text_summary"]
     with logs.MetricLogger(tmp_path, resume_step=1) as logger:
         logger.write("train", 2, {"loss": 0.125})
-    scalars, starts = read_event_scalars(tmp_path / "tensorboard")
+    scalars, starts, _ = read_event_scalars(tmp_path / "tensorboard")
     assert starts == [2]  # TensorBoard hides the killed run's events from step 2 on
     assert scalars[-1] == ("train/loss", 2, 0.125)
 
