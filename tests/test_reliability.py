@@ -302,6 +302,7 @@ def _disk_fills_in(patch, module, full):
                   raising=False)
 
 
+@pytest.mark.slow  # two whole runs (the faulted one and its rerun), ~10 s on 2 cores
 @_ignore_closed_loop
 def test_disk_full_while_writing_outputs_stops_clearly_and_the_rerun_ends_equal(
         tmp_path, monkeypatch, reference):

@@ -686,6 +686,7 @@ def test_same_seed_twice_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow  # a whole run then the report, through the command lines, ~12 s
 def test_tiny_digits_run_then_report_from_the_command_line(tmp_path):
     """A real 2-experience run (fake, instant eval hook) reported by `python -m launch.report`."""
     from gdjax import continual

@@ -42,6 +42,7 @@ def seed_hook(config):
     return lambda run, k, params: {"kld": config.seed / 1000 + k}
 
 
+@pytest.mark.slow  # a whole sweep of tiny runs, ~18 s
 def test_sweep_trains_every_run_then_reports_and_a_rerun_trains_nothing(tmp_path):
     runs = make_runs(small_config(), ["naive", "generative_replay"], ["42", "69"])
     root = str(tmp_path / "sweep")

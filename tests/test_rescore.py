@@ -138,6 +138,7 @@ def test_final_params_stand_for_the_last_experience(tmp_path):
     assert [(r["experience"], r["step"], r["checksum"]) for r in rows] == [(1, 8, sums[1])]
 
 
+@pytest.mark.slow  # a run then launch.evaluate with the real hook, ~10 s
 def test_launch_evaluate_with_the_real_hook(tmp_path):
     """`python -m launch.evaluate` on experience 1 (16 samples, a classifier of 1 epoch): kld
     and ard follow from the logged generated fractions and the digits' test labels."""
