@@ -46,6 +46,9 @@ def get_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         name="ddim_medium",     # a named UNet config of gdjax/unet.py
         dtype="float32",        # compute dtype; parameters stay float32
+        class_conditional=False,  # True: the UNet embeds class labels (one per class of the
+                                # data set, plus a null label for classifier-free guidance);
+                                # replay rows carry labels balanced over the teacher's classes
     ))
     c.diffusion = ConfigDict(dict(
         beta_schedule="linear",
@@ -63,6 +66,7 @@ def get_config() -> ConfigDict:
         teacher_eta=0.0,
         replay_size=0,          # 0: the batch size
         er_buffer_size=1000,
+        teacher_guidance=1.0,   # conditional replay: the teacher's guidance scale (1: none)
         # The generator's regularisation baselines (gdjax/regularisers.py, CLoG's set), with
         # any strategy: none | l2 | ewc | mas | si; the loss gains weight * sum importance *
         # (params - previous experience's params)^2
@@ -91,6 +95,8 @@ def get_config() -> ConfigDict:
                                 # the step; it is what the evaluation scores and saves
         ema_teacher=False,      # True: the average, not the params, becomes the next
                                 # experience's teacher (MAGD's EMA teacher)
+        label_dropout=0.1,      # model.class_conditional: the chance a row's label becomes
+                                # the null label (classifier-free guidance's training)
     ))
     c.eval = ConfigDict(dict(
         steps=10,
@@ -106,6 +112,8 @@ def get_config() -> ConfigDict:
         train_classifier=False,  # train a missing evaluation classifier at first use
         every_steps=0,          # > 0: also evaluate every that many steps within an
                                 # experience (rows in metrics/eval.jsonl); 0: at its end only
+        guidance_scale=1.0,     # model.class_conditional: samples are asked for by label,
+                                # balanced over the classes seen, guided at this scale
     ))
     # The classifier trained beside the generator (REFERENCE §6), continual mode only.
     c.solver = ConfigDict(dict(

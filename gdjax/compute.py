@@ -101,9 +101,12 @@ class GeneratorFlops:
     def _batch(self):
         s, (h, w, c) = self.run.settings, self.run.image_shape
         batch = {"image": jax.ShapeDtypeStruct((s.train.batch_size, h, w, c), jnp.float32)}
+        rows = s.strategy.replay_size or s.train.batch_size
         if s.strategy.name == strategies.ER:
-            rows = s.strategy.replay_size or s.train.batch_size
             batch["memory"] = jax.ShapeDtypeStruct((rows, h, w, c), jnp.float32)
+        if s.class_conditional:  # labels of the real and the replay rows
+            batch["label"] = jax.ShapeDtypeStruct((s.train.batch_size,), jnp.int32)
+            batch["replay_label"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
         return batch
 
     def _replay(self, teacher) -> tuple[float, float]:
@@ -114,17 +117,21 @@ class GeneratorFlops:
         key = jax.random.key(0)
         image = lambda n: jax.ShapeDtypeStruct((n, *shape), jnp.float32)  # noqa: E731
         real = s.train.batch_size
-        total = flops(lambda p, x, t, m: strategies.replay_rows(
+        ints = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
+        # A conditional model's labels (guidance above 1 doubles the teacher's sampling)
+        labels = (ints(rows), ints(real)) if s.class_conditional else (None, None)
+        total = flops(lambda p, x, t, m, y, yd: strategies.replay_rows(
             cfg, apply_fn=run.apply_fn, teacher_params=p, schedule=run.schedule, rng=key,
-            image_shape=(rows, *shape), data_x_t=x, data_t=t, memory_x0=m),
-            teacher, image(real), jax.ShapeDtypeStruct((real,), jnp.int32), image(rows))
+            image_shape=(rows, *shape), data_x_t=x, data_t=t, memory_x0=m, labels=y,
+            data_labels=yd, null_label=s.null_label),
+            teacher, image(real), ints(real), image(rows), *labels)
         if cfg.name not in strategies.GENERATIVE_STRATEGIES:  # no reverse process
             return 0.0, total
-        targets = (jax.ShapeDtypeStruct((rows,), jnp.int32)
-                   if cfg.name == strategies.PARTIAL_GENERATION else None)
-        sampling = flops(lambda p, x, t: strategies.teacher_generate(
+        targets = ints(rows) if cfg.name == strategies.PARTIAL_GENERATION else None
+        sampling = flops(lambda p, x, t, y: strategies.teacher_generate(
             run.apply_fn, p, run.schedule, x, num_steps=cfg.teacher_steps, eta=cfg.teacher_eta,
-            rng=key, targets=t), teacher, image(rows), targets)
+            rng=key, targets=t, labels=y, null_label=s.null_label,
+            guidance=cfg.teacher_guidance), teacher, image(rows), targets, labels[0])
         return sampling, total - sampling
 
     def per_step(self, ls, with_replay: bool) -> tuple[float, float, float]:

@@ -144,7 +144,8 @@ def _save_outputs(loop: Loop, k: int, params) -> None:
     images = sampling.generate(run.apply_fn, params, run.schedule,
                                rng.key(run.settings.seed, "sample_grid", k), num=e.grid_samples,
                                image_shape=run.image_shape, num_steps=e.steps, eta=e.eta,
-                               batch_size=e.grid_samples, sharding=run.sharding)
+                               batch_size=e.grid_samples, sharding=run.sharding,
+                               labels=run.sample_labels(k))
     if not hosts.is_writer():
         return
     path = rundir.sample_grid(run.workdir, k)
@@ -243,7 +244,8 @@ def train_experience(loop: Loop, ls: LoopState, k: int, start: int) -> LoopState
     with run.batches(k, start, total, groups=groups) as batches:
         for n in groups or [1] * (total - start):
             batch = next(batches)
-            batch.pop("label")  # the generator is unconditional
+            if not run.settings.class_conditional:
+                batch.pop("label")  # an unconditional generator reads no labels
             if groups is None:
                 train, stacked = step(ls.train, ls.teacher, batch, ls.key)
             else:

@@ -29,6 +29,7 @@ STREAMS = {
     "er_buffer": 5,         # numpy (experience j): the images experience j keeps
     "er_memory": 6,         # numpy (experience, step): the memory rows of a step
     "er_memory_flip": 7,    # numpy (experience, step)
+    "replay_labels": 29,    # numpy (experience, step): conditional replay's balanced labels
     "sample_grid": 8,       # jax (experience): the grid written after each experience
     "eval_samples": 9,      # jax (experience): the evaluation samples
     "kid_classifier": 10,   # numpy (experience): KID subsets on the classifier's features

@@ -19,12 +19,14 @@ import functools
 import math
 from typing import Any, Callable
 
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gdjax import data as gdata
 from gdjax import losses, regularisers, strategies, unet
 from gdjax.data import memory
-from gdjax.eval import CLASSIFIERS
+from gdjax.eval import CLASSIFIERS, sampling
 from gdjax.eval.solver import SOLVER_STRATEGIES, SolverConfig
 from gdjax.schedule import BETA_SCHEDULES, Schedule, make_schedule, schedule_arrays
 from gdjax.strategies import StrategyConfig
@@ -151,6 +153,7 @@ class TrainSettings:
     steps_per_call: int
     ema_decay: float
     ema_teacher: bool
+    label_dropout: float
 
     def __post_init__(self):
         _one_of(self.mode, MODES, "train.mode")
@@ -162,6 +165,11 @@ class TrainSettings:
         _require(isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
                  and 0.0 <= self.ema_decay < 1.0,
                  f"train.ema_decay={self.ema_decay!r} must be in [0, 1) (0: no moving average).")
+        _require(isinstance(self.label_dropout, (int, float))
+                 and not isinstance(self.label_dropout, bool)
+                 and 0.0 <= self.label_dropout < 1.0,
+                 f"train.label_dropout={self.label_dropout!r} must be in [0, 1) (the chance "
+                 "a label becomes the null label, for classifier-free guidance).")
         _require(not self.ema_teacher or self.ema_decay > 0,
                  "train.ema_teacher=True takes the moving average as the next teacher: set "
                  "train.ema_decay in (0, 1) too.")
@@ -186,6 +194,7 @@ class EvalSettings:
     classifier: str
     train_classifier: bool
     every_steps: int
+    guidance_scale: float
 
     def __post_init__(self):
         _positive(self, "eval", "steps", "num_samples", "batch_size", "grid_samples")
@@ -193,7 +202,7 @@ class EvalSettings:
                  and self.every_steps >= 0, f"eval.every_steps={self.every_steps!r} must be "
                  "an integer >= 0 (evaluate every that many steps within an experience; 0: "
                  "only at its end).")
-        _finite(self, "eval", "eta", low=0.0)
+        _finite(self, "eval", "eta", "guidance_scale", low=0.0)
         _bools(self, "eval", "save_experience_params", "fid", "train_classifier")
         _one_of(self.fid_at, FID_AT, "eval.fid_at")
         _one_of(self.classifier, CLASSIFIERS, "eval.classifier",
@@ -226,6 +235,15 @@ class Settings:
     config: dict = dataclasses.field(compare=False, repr=False)  # the ConfigDict, as JSON
     # strategy.regulariser*: the generator's L2 / EWC / MAS / SI (gdjax/regularisers.py)
     regulariser: regularisers.RegConfig = regularisers.RegConfig()
+    # model.class_conditional: the UNet embeds labels (num_class_embeds, the last one the
+    # null label), set by `build` once the data set's classes are known
+    class_conditional: bool = False
+
+    @property
+    def null_label(self) -> int | None:
+        """A class-conditional UNet's null label (its last embedding); None: unconditional."""
+        n = self.unet.num_class_embeds
+        return None if n is None else n - 1
 
     @property
     def schedule(self) -> Schedule:
@@ -244,7 +262,8 @@ def _strategy(s, num_train_timesteps: int) -> StrategyConfig:
     cfg = StrategyConfig(name=s.name, lambd=s.lambd, weight_replay_loss=s.weight_replay_loss,
                          replay_start_timestep=s.replay_start_timestep,
                          teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
-                         replay_size=s.replay_size, er_buffer_size=s.er_buffer_size)
+                         replay_size=s.replay_size, er_buffer_size=s.er_buffer_size,
+                         teacher_guidance=s.teacher_guidance)
     cfg.check_timesteps(num_train_timesteps)
     return cfg
 
@@ -282,6 +301,8 @@ def settings_from_config(config) -> Settings:
     _require(isinstance(config.seed, int) and 0 <= config.seed < 2**31,
              f"seed={config.seed!r} must be an integer in 0..2**31 - 1.")
     _one_of(config.model.dtype, DTYPES, "model.dtype")
+    _require(isinstance(config.model.class_conditional, bool),
+             f"model.class_conditional={config.model.class_conditional!r} must be True or False.")
     d = config.data
     data = _section(DataSettings, d, data_dir=d.data_dir or None,
                     class_order=tuple(d.class_order))
@@ -296,7 +317,8 @@ def settings_from_config(config) -> Settings:
         seed=config.seed, data=data, unet=model, diffusion=diffusion, strategy=strategy,
         optim=optim, train=train, eval=evaluation, solver=_solver(config),
         log=_section(LogSettings, config.log), config=config_as_json(config),
-        regulariser=_regulariser(config.strategy))
+        regulariser=_regulariser(config.strategy),
+        class_conditional=config.model.class_conditional)
     _check_across_sections(settings)
     return settings
 
@@ -314,6 +336,10 @@ def _check_across_sections(s: Settings) -> None:
         _require(name in IID_DISTILL_STRATEGIES,
                  f"train.mode='iid_distill' distils with strategy.name in "
                  f"{IID_DISTILL_STRATEGIES}, not {name!r}.")
+    if s.class_conditional:
+        _require(s.train.mode != "iid_distill",
+                 "model.class_conditional=True is not supported with train.mode='iid_distill' "
+                 "(its teacher is an unconditional model): set model.class_conditional=False.")
     if s.regulariser.enabled:
         _require(s.train.mode == "continual",
                  f"strategy.regulariser={s.regulariser.name!r} holds the generator to its "
@@ -336,13 +362,25 @@ def config_as_json(config) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def model_apply_fn(config: unet.UNetConfig) -> Callable:
-    """apply_fn(params, x, t) for a UNet config; one stable function per config (jit cache)."""
+    """apply_fn(params, x, t) for a UNet config; one stable function per config (jit cache).
+
+    A class-conditional config (num_class_embeds) gives apply_fn(params, x, t, labels=None):
+    labels [B], or None for the null label's (the unconditional) prediction, so that every
+    caller that asks for no label (the solver's replay, FLOP counts) still works."""
     model = unet.UNet(config)
+    if config.num_class_embeds is None:
+        def apply_fn(params, x, t):
+            return model.apply({"params": params}, x, t)
 
-    def apply_fn(params, x, t):
-        return model.apply({"params": params}, x, t)
+        return apply_fn
+    null_label = config.num_class_embeds - 1
 
-    return apply_fn
+    def conditional_apply_fn(params, x, t, labels=None):
+        if labels is None:
+            labels = jnp.full((x.shape[0],), null_label, jnp.int32)
+        return model.apply({"params": params}, x, t, labels)
+
+    return conditional_apply_fn
 
 
 @dataclasses.dataclass
@@ -400,7 +438,8 @@ class Run:
         strategy = s.strategy if with_replay else StrategyConfig(strategies.NAIVE)
         return _compiled_step(s.unet, s.diffusion, strategy, s.optim, s.train.criterion,
                               with_replay, self.sharding.mesh, s.train.mode == "iid_distill",
-                              s.train.on_nan, steps, float(s.train.ema_decay), s.regulariser)
+                              s.train.on_nan, steps, float(s.train.ema_decay), s.regulariser,
+                              s.null_label, float(s.train.label_dropout))
 
     def regulariser_batches(self, k: int) -> int:
         """The batches EWC / MAS measure experience k's importance on: strategy.
@@ -414,11 +453,32 @@ class Run:
         s = self.settings
         return _compiled_importance(s.unet, s.diffusion, s.regulariser, s.train.criterion)
 
-    def memory_batch(self, buffer, k: int, step: int, rows: int):
-        """ER's memory rows of `step` of experience k, flipped like the real rows."""
+    def memory_batch(self, buffer, k: int, step: int, rows: int) -> dict:
+        """ER's memory rows of `step` of experience k, flipped like the real rows:
+        {"memory": images}, plus {"replay_label": their labels} for a conditional model."""
         s = self.settings
-        return memory.memory_rows(self.train.images, buffer, rows=rows, seed=s.seed,
-                                  experience=k, step=step, flip=s.data.flip)
+        out = {"memory": memory.memory_rows(self.train.images, buffer, rows=rows, seed=s.seed,
+                                            experience=k, step=step, flip=s.data.flip)}
+        if s.class_conditional:
+            out["replay_label"] = memory.memory_labels(self.train.labels, buffer, rows=rows,
+                                                       seed=s.seed, experience=k, step=step)
+        return out
+
+    def replay_labels(self, k: int, step: int, rows: int) -> np.ndarray:
+        """Conditional replay's labels at `step` of experience k: balanced over the classes
+        of experiences 0..k-1, the teacher's (`memory.replay_labels`)."""
+        return memory.replay_labels(gdata.seen_classes(self.experiences, k - 1), rows=rows,
+                                    seed=self.settings.seed, experience=k, step=step)
+
+    def sample_labels(self, k: int):
+        """The labels evaluation samples after experience k are asked for (a conditional
+        model: the classes seen so far, row i the (i mod n)-th, guided at
+        eval.guidance_scale); None for an unconditional model."""
+        s = self.settings
+        if not s.class_conditional:
+            return None
+        return sampling.SampleLabels(gdata.seen_classes(self.experiences, k), s.null_label,
+                                     float(s.eval.guidance_scale))
 
     def batches(self, k: int, start: int, total: int, groups=None) -> gdata.Prefetcher:
         """The prefetched, sharded batches of steps start..total-1 of experience k (with
@@ -426,11 +486,14 @@ class Run:
         train.steps_per_call)."""
         s, data = self.settings, self.experience_data(k)
         extra = None
+        rows = s.strategy.replay_size or s.train.batch_size
         if s.strategy.name == strategies.ER and self.uses_replay(k):
             buffer = memory.buffer_indices(self.train.labels, self.experiences, k,
                                            size=s.strategy.er_buffer_size, seed=s.seed)
-            rows = s.strategy.replay_size or s.train.batch_size
-            extra = lambda step: {"memory": self.memory_batch(buffer, k, step, rows)}  # noqa: E731
+            extra = lambda step: self.memory_batch(buffer, k, step, rows)  # noqa: E731
+        elif s.class_conditional and self.uses_replay(k) and s.strategy.name in \
+                strategies.TEACHER_STRATEGIES and s.strategy.name != strategies.LWF:
+            extra = lambda step: {"replay_label": self.replay_labels(k, step, rows)}  # noqa: E731
         return gdata.batch_iterator(data.images, data.labels, batch_size=s.train.batch_size,
                                     seed=s.seed, experience=k, start_step=start,
                                     num_steps=total, flip=s.data.flip,
@@ -450,13 +513,14 @@ class Run:
 @functools.lru_cache(maxsize=16)
 def _compiled_step(unet_config, diffusion, strategy, optim, criterion, with_replay, mesh,
                    distill_only, on_nan, steps=1, ema_decay=0.0,
-                   regulariser=regularisers.RegConfig()):
+                   regulariser=regularisers.RegConfig(), null_label=None, label_dropout=0.0):
     """One jitted step per distinct setting, kept across runs in a process (sweeps, tests)."""
     return make_train_step(apply_fn=model_apply_fn(unet_config), schedule=diffusion.schedule(),
                            strategy=strategy, optimizer=make_optimizer(optim),
                            criterion=criterion, with_replay=with_replay, mesh=mesh,
                            distill_only=distill_only, on_nan=on_nan, steps=steps,
-                           ema_decay=ema_decay, regulariser=regulariser)
+                           ema_decay=ema_decay, regulariser=regulariser,
+                           null_label=null_label, label_dropout=label_dropout)
 
 
 @functools.lru_cache(maxsize=8)
@@ -485,6 +549,10 @@ def build(config, workdir: str) -> Run:
     if settings.solver is not None:  # the solver's head: every class of the data set
         solver = dataclasses.replace(settings.solver, num_classes=max(train.classes) + 1)
         settings = dataclasses.replace(settings, solver=solver)
+    if settings.class_conditional and settings.unet.num_class_embeds is None:
+        # every class of the data set, then the null label
+        model = dataclasses.replace(settings.unet, num_class_embeds=max(train.classes) + 2)
+        settings = dataclasses.replace(settings, unet=model)
     order = gdata.resolve_class_order(len(train.classes), seed=settings.seed,
                                       fixed_order=settings.data.class_order or None)
     n_exp = settings.data.n_experiences if settings.train.mode == "continual" else 1

@@ -114,7 +114,10 @@ ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher"
               "solver.lwf_temperature": 2.0,
               # the generator's regularisers (gdjax/regularisers.py)
               "strategy.regulariser": "none", "strategy.regulariser_weight": 0.0,
-              "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.01}
+              "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.01,
+              # class-conditional models and replay
+              "model.class_conditional": False, "strategy.teacher_guidance": 1.0,
+              "train.label_dropout": 0.1, "eval.guidance_scale": 1.0}
 
 
 def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:

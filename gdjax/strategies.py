@@ -4,6 +4,13 @@ Every function here is pure and traceable: it runs inside the one compiled train
 A strategy with a teacher gets the frozen teacher's parameters as an explicit argument
 and produces `ReplayRows`: the inputs the student sees, their timesteps and the regression
 targets (REFERENCE §4).
+
+Conditional replay (a class-conditional denoiser, model.class_conditional): the replay rows
+carry labels, balanced over the classes the teacher has learned (made on the host, see
+`gdjax.data.splits.balanced_labels`). The teacher generates each row for its label, guided
+at `teacher_guidance` (1: its conditional prediction alone); the student is conditioned on
+`cond_labels` (the labels after classifier-free dropout to the null label) and the
+distillation targets are the teacher's predictions under the same labels.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from gdjax import ddim
+from gdjax import guidance as guidance_lib
 from gdjax.schedule import Schedule, add_noise
 
-ApplyFn = Callable[..., jnp.ndarray]  # apply_fn(params, x, t) -> eps
+ApplyFn = Callable[..., jnp.ndarray]  # apply_fn(params, x, t[, labels]) -> eps
 
 NAIVE = "naive"
 CUMULATIVE = "cumulative"
@@ -51,12 +59,13 @@ class StrategyConfig:
     teacher_eta: float = 0.0
     replay_size: int = 0  # 0: the batch size
     er_buffer_size: int = 1000  # experience replay's buffer (gdjax/data/memory.py)
+    teacher_guidance: float = 1.0  # conditional replay: the teacher's guidance scale
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(
                 f"strategy.name={self.name!r} is unknown; use one of: {', '.join(STRATEGIES)}.")
-        for name in ("lambd", "teacher_eta"):
+        for name in ("lambd", "teacher_eta", "teacher_guidance"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"strategy.{name}={value!r} must be a finite number >= 0.")
@@ -79,11 +88,18 @@ class StrategyConfig:
 
 
 class ReplayRows(NamedTuple):
-    """The replay half: inputs x [R, ...] (None: reuse the data rows), timesteps t [R], targets."""
+    """The replay half: inputs x [R, ...] (None: reuse the data rows), timesteps t [R],
+    targets, and the labels the student is conditioned on (None: an unconditional model)."""
 
     x: jnp.ndarray | None
     t: jnp.ndarray
     target: jnp.ndarray
+    labels: jnp.ndarray | None = None
+
+
+def conditioned(apply_fn: ApplyFn, params, x, t, labels=None) -> jnp.ndarray:
+    """`apply_fn(params, x, t)`, or with `labels` [B] for a class-conditional denoiser."""
+    return apply_fn(params, x, t) if labels is None else apply_fn(params, x, t, labels)
 
 
 def symmetric_noise(noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
@@ -106,47 +122,65 @@ def symmetric_noise(noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
 
 
 def teacher_generate(apply_fn: ApplyFn, teacher_params, schedule: Schedule, noise, *,
-                     num_steps: int, eta: float, rng, targets=None) -> jnp.ndarray:
-    """The teacher's DDIM reverse process from `noise` (down to `targets`; None: clean)."""
-    denoise = lambda x, t: apply_fn(teacher_params, x, t)
+                     num_steps: int, eta: float, rng, targets=None, labels=None,
+                     null_label: int | None = None, guidance: float = 1.0) -> jnp.ndarray:
+    """The teacher's DDIM reverse process from `noise` (down to `targets`; None: clean);
+    with `labels` [R], each row generated for its label, guided at `guidance` against the
+    `null_label` prediction (gdjax/guidance.py)."""
+    if labels is None:
+        denoise = lambda x, t: apply_fn(teacher_params, x, t)
+    else:
+        denoise = guidance_lib.guided_denoise(apply_fn, teacher_params, labels, null_label,
+                                              guidance)
     return ddim.reverse_process(denoise, schedule, noise, num_steps=num_steps, targets=targets,
                                 eta=eta, rng=rng)
 
 
 def replay_rows(cfg: StrategyConfig, *, apply_fn: ApplyFn, teacher_params, schedule: Schedule,
                 rng: jax.Array, image_shape: tuple, data_x_t=None, data_t=None,
-                memory_x0=None, constrain=lambda x: x) -> ReplayRows | None:
+                memory_x0=None, constrain=lambda x: x, labels=None, cond_labels=None,
+                data_labels=None, null_label: int | None = None) -> ReplayRows | None:
     """The replay half of a batch for strategy `cfg.name`; None for strategies without one.
 
     image_shape: (R, H, W, C) of the replay rows. data_x_t / data_t: the noisy real rows
     (LwF distils on them). memory_x0: real images from the ER buffer. `constrain` pins
     intermediate arrays to the batch sharding.
+
+    A class-conditional denoiser (`null_label` not None) takes `labels` [R]: the class of
+    each replay row (ER: its memory image's), which the teacher generates; `cond_labels`
+    [R] (default `labels`): what the student and the teacher's targets are conditioned
+    on; `data_labels` [B]: the real rows' conditioning labels, for LwF.
     """
     name = cfg.name
     if name in (NAIVE, CUMULATIVE):
         return None
+    if null_label is not None and cond_labels is None:
+        cond_labels = labels
     k_noise, k_t, k_start, k_gen = jax.random.split(rng, 4)
     T = schedule.num_train_timesteps
-    teacher = lambda x, t: jax.lax.stop_gradient(apply_fn(teacher_params, x, t))
+    teacher = lambda x, t, y: jax.lax.stop_gradient(conditioned(apply_fn, teacher_params,
+                                                                x, t, y))
     if name == LWF:
-        return ReplayRows(None, data_t, teacher(data_x_t, data_t))
+        return ReplayRows(None, data_t, teacher(data_x_t, data_t, data_labels), data_labels)
+    rows = lambda x, t, target: ReplayRows(x, t, target, cond_labels)
     eps = constrain(jax.random.normal(k_noise, image_shape))
     # ER's memory rows are ordinary training rows: timesteps from the full range.
     t_low = 0 if name == ER else cfg.replay_start_timestep
     t = constrain(jax.random.randint(k_t, image_shape[:1], t_low, T))
     if name == ER:
-        return ReplayRows(add_noise(schedule, memory_x0, noise=eps, t=t), t, eps)
+        return rows(add_noise(schedule, memory_x0, noise=eps, t=t), t, eps)
     if name in (GAUSSIAN, GAUSSIAN_SYMMETRY):
         x = symmetric_noise(eps, t) if name == GAUSSIAN_SYMMETRY else eps
-        return ReplayRows(x, t, teacher(x, t))
+        return rows(x, t, teacher(x, t, cond_labels))
     start = constrain(jax.random.normal(k_start, image_shape))
     generate = lambda targets: jax.lax.stop_gradient(teacher_generate(
         apply_fn, teacher_params, schedule, start, num_steps=cfg.teacher_steps,
-        eta=cfg.teacher_eta, rng=k_gen, targets=targets))
+        eta=cfg.teacher_eta, rng=k_gen, targets=targets, labels=labels,
+        null_label=null_label, guidance=cfg.teacher_guidance))
     if name == PARTIAL_GENERATION:
         x = generate(t)
-        return ReplayRows(x, t, teacher(x, t))
+        return rows(x, t, teacher(x, t, cond_labels))
     x = add_noise(schedule, generate(None), noise=eps, t=t)
     if name == NO_DISTILLATION:
-        return ReplayRows(x, t, eps)
-    return ReplayRows(x, t, teacher(x, t))  # full generation distillation
+        return rows(x, t, eps)
+    return rows(x, t, teacher(x, t, cond_labels))  # full generation distillation

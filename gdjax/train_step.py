@@ -74,22 +74,25 @@ def init_state(params, optimizer: optax.GradientTransformation, experience: int 
 
 def _distill_loss(params, apply_fn, schedule, criterion, replay, replay_rows_mask):
     """IID distillation: the student regresses onto the teacher on replay rows alone."""
-    pred = apply_fn(params, replay.x, replay.t)
+    pred = strategies.conditioned(apply_fn, params, replay.x, replay.t, replay.labels)
     loss = losses.criterion(criterion, pred, replay.target, replay.t, schedule,
                             replay_rows_mask)
     return loss, (jnp.float32(0.0), loss)
 
 
 def _student_loss(params, apply_fn, schedule, criterion, cfg, experience, x_t, t, eps, replay,
-                  mask, replay_rows_mask):
+                  mask, replay_rows_mask, labels=None):
     """Loss over the real rows and the replay rows in one forward pass, plus its parts.
 
-    `mask` / `replay_rows_mask`: which real and replay rows count (None: all)."""
+    `mask` / `replay_rows_mask`: which real and replay rows count (None: all). `labels`:
+    the real rows' conditioning labels (None: an unconditional model)."""
     batch = x_t.shape[0]
     if replay is None or replay.x is None:
-        pred = apply_fn(params, x_t, t)
+        pred = strategies.conditioned(apply_fn, params, x_t, t, labels)
     else:
-        pred = apply_fn(params, jnp.concatenate([x_t, replay.x]), jnp.concatenate([t, replay.t]))
+        both = None if labels is None else jnp.concatenate([labels, replay.labels])
+        pred = strategies.conditioned(apply_fn, params, jnp.concatenate([x_t, replay.x]),
+                                      jnp.concatenate([t, replay.t]), both)
     data_loss = losses.criterion(criterion, pred[:batch], eps, t, schedule, mask)
     if replay is None:
         return data_loss, (data_loss, jnp.float32(0.0))
@@ -127,6 +130,8 @@ class _Spec(NamedTuple):
     distill_only: bool
     constrain: Callable
     regulariser: regularisers.RegConfig
+    null_label: int | None  # a class-conditional denoiser's null label; None: unconditional
+    label_dropout: float
 
 
 def _penalised(loss_fn: Callable, weight: float, reg) -> Callable:
@@ -144,12 +149,23 @@ def _penalised(loss_fn: Callable, weight: float, reg) -> Callable:
 
 def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
     """((loss, (data loss, replay loss)), gradients) of one step's batch."""
-    k_eps, k_t, k_replay = jax.random.split(jax.random.fold_in(rng, state.step), 3)
+    step_key = jax.random.fold_in(rng, state.step)
+    k_eps, k_t, k_replay = jax.random.split(step_key, 3)
     x0, mask = batch["image"], batch.get("mask")  # no mask: every row is real
     eps = spec.constrain(jax.random.normal(k_eps, x0.shape, x0.dtype))
     t = spec.constrain(jax.random.randint(k_t, x0.shape[:1], 0,
                                           spec.schedule.num_train_timesteps))
     x_t = add_noise(spec.schedule, x0, noise=eps, t=t)
+    labels = replay_labels = cond_replay = None
+    if spec.null_label is not None:
+        # Classifier-free guidance's training: each label (real and replay rows alike)
+        # becomes the null label with probability label_dropout. A key of its own, folded
+        # apart from the three above, so that unconditional runs draw what they always did.
+        k_drop, k_drop_replay = jax.random.split(jax.random.fold_in(step_key, _LABEL_DROP))
+        labels = _drop_labels(k_drop, batch["label"], spec)
+        replay_labels = batch.get("replay_label")
+        if replay_labels is not None:
+            cond_replay = _drop_labels(k_drop_replay, replay_labels, spec)
     replay, rows_mask = None, None
     if spec.use_replay:
         rows = spec.strategy.replay_size or x0.shape[0]
@@ -157,14 +173,27 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
         replay = strategies.replay_rows(
             spec.strategy, apply_fn=spec.apply_fn, teacher_params=teacher_params,
             schedule=spec.schedule, rng=k_replay, image_shape=(rows,) + x0.shape[1:],
-            data_x_t=x_t, data_t=t, memory_x0=batch.get("memory"), constrain=spec.constrain)
+            data_x_t=x_t, data_t=t, memory_x0=batch.get("memory"), constrain=spec.constrain,
+            labels=replay_labels, cond_labels=cond_replay, data_labels=labels,
+            null_label=spec.null_label)
     if spec.distill_only:
         return jax.value_and_grad(_distill_loss, has_aux=True)(
             state.params, spec.apply_fn, spec.schedule, spec.criterion, replay, rows_mask)
     loss_fn = _penalised(_student_loss, spec.regulariser.scale, state.reg)
     return jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, spec.apply_fn, spec.schedule, spec.criterion, spec.strategy,
-        state.experience, x_t, t, eps, replay, mask, rows_mask)
+        state.experience, x_t, t, eps, replay, mask, rows_mask, labels)
+
+
+_LABEL_DROP = 0x1ab  # folded into a step's key for the label dropout's draws
+
+
+def _drop_labels(key, labels, spec: _Spec):
+    """`labels` with each one replaced by the null label with probability label_dropout."""
+    if spec.label_dropout <= 0:
+        return labels
+    drop = jax.random.bernoulli(key, spec.label_dropout, labels.shape)
+    return spec.constrain(jnp.where(drop, spec.null_label, labels).astype(jnp.int32))
 
 
 def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: StrategyConfig,
@@ -172,7 +201,8 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
                     with_replay: bool = True, mesh: Mesh | None = None,
                     distill_only: bool = False, on_nan: str = "stop", steps: int = 1,
                     ema_decay: float = 0.0,
-                    regulariser: regularisers.RegConfig = regularisers.RegConfig()):
+                    regulariser: regularisers.RegConfig = regularisers.RegConfig(),
+                    null_label: int | None = None, label_dropout: float = 0.0):
     """Builds the jitted step. `with_replay=False` gives the plain step (first experience).
 
     `steps` = k > 1 (train.steps_per_call) gives `(state, teacher_params, batches, count,
@@ -201,6 +231,13 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     `distill_only` (IID distillation into a fresh student) drops the real rows: the batch's
     images only give the shape of the replay rows.
 
+    `null_label` (a class-conditional `apply_fn(params, x, t, labels)`, model.
+    class_conditional): the real rows are conditioned on the batch's "label" [B] and the
+    replay rows on its "replay_label" [R] (their classes, balanced over the teacher's;
+    ER: the memory images' own), each dropped to `null_label` with probability
+    `label_dropout` (train.label_dropout), the teacher's targets conditioned alike
+    (`strategies.replay_rows`).
+
     The step's batch is {"image": [B, H, W, C]} plus {"memory": [R, H, W, C]} for ER and
     optionally {"mask": [B]}: 1 for a real row, 0 for the padding of an epoch's short last
     batch; the means are taken over the real rows, and over the first
@@ -214,7 +251,8 @@ def make_train_step(*, apply_fn: Callable, schedule: Schedule, strategy: Strateg
     spec = _Spec(apply_fn, schedule, strategy, criterion,
                  with_replay and strategy.name not in (strategies.NAIVE, strategies.CUMULATIVE),
                  distill_only, (lambda x: jax.lax.with_sharding_constraint(x, rows_sharding))
-                 if mesh is not None else (lambda x: x), regulariser)
+                 if mesh is not None else (lambda x: x), regulariser, null_label,
+                 float(label_dropout))
 
     def train_step(state: TrainState, teacher_params, batch, rng):
         (loss, parts), grads = _loss_and_grads(spec, state, teacher_params, batch, rng)

@@ -199,7 +199,7 @@ def test_er_buffer_is_bounded_and_holds_only_past_classes(tmp_path):
         assert len(np.unique(buffer)) == len(buffer)
         assert [int(np.isin(labels[buffer], run.experiences[j]).sum()) for j in range(k)] == quota
         assert not np.isin(labels[buffer], run.experiences[k:]).any()
-        rows = run.memory_batch(buffer, k, step=3, rows=8)
+        rows = run.memory_batch(buffer, k, step=3, rows=8)["memory"]
         in_buffer = (rows[:, None] == run.train.images[buffer][None]).all(axis=(2, 3, 4))
         assert in_buffer.any(axis=1).all()
 

@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 
 from configs import split_digits
-from gdjax import data as gdata, unet
+from gdjax import data as gdata, rng, unet
 from gdjax.run import build, settings_from_config
 from gdjax.eval import classifier as cls
-from gdjax.eval import hooks, metrics
+from gdjax.eval import hooks, metrics, sampling
 
 EPS = metrics.KLD_EPS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,6 +298,41 @@ def test_hook_on_a_run(arch, request, tmp_path):
     assert rows[0] == hook(run, 0, gen_params)
     assert len(hook._references) == 2
     assert next(iter(hook._references.values())).features.shape[1] == cls.FEATURE_DIMS[arch]
+
+
+def test_a_conditional_generator_is_asked_by_label_and_scored_on_it(simple_cnn_dir, tmp_path,
+                                                                     monkeypatch):
+    """After experience 0 (2 digits) the 48 samples are asked for those 2 digits in turn
+    (row i: the (i mod 2)-th), guided at eval.guidance_scale; label_accuracy is the fraction
+    the classifier labels as asked: 24 of 48 given here."""
+    config = hook_config()
+    config.eval.classifier = "simple_cnn"
+    config.model.class_conditional = True
+    config.eval.guidance_scale = 2.0
+    run = build(config, str(tmp_path / "run"))
+    gen_params = unet.init_params(run.settings.unet, jax.random.key(0))
+    asked = np.array(run.experiences[0])[np.arange(48) % 2]
+    seen = {}
+    real_predictions = hooks.sample_predictions
+
+    def predictions(variables, samples, **kwargs):
+        seen["samples"] = samples
+        labels, features = real_predictions(variables, samples, **kwargs)
+        wrong = (asked + 1) % 10
+        return np.where(np.arange(48) % 4 < 2, asked, wrong), features
+
+    monkeypatch.setattr(hooks, "sample_predictions", predictions)
+    row = hooks.ClassifierEvalHook(run.settings, simple_cnn_dir)(run, 0, gen_params)
+    assert row["label_accuracy"] == 0.5
+    unguided = sampling.generate(run.apply_fn, gen_params, run.schedule,
+                                 rng.key(run.settings.seed, "eval_samples", 0), num=48,
+                                 image_shape=run.image_shape, num_steps=2, batch_size=32)
+    labelled = sampling.generate(run.apply_fn, gen_params, run.schedule,
+                                 rng.key(run.settings.seed, "eval_samples", 0), num=48,
+                                 image_shape=run.image_shape, num_steps=2, batch_size=32,
+                                 labels=sampling.SampleLabels(run.experiences[0], 10, 2.0))
+    np.testing.assert_array_equal(seen["samples"], labelled)
+    assert np.abs(labelled - unguided).max() > 1e-3
 
 
 def test_default_hook_for_the_digits_trains_its_classifier_once(saved, tmp_path, monkeypatch):

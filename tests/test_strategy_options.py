@@ -48,15 +48,17 @@ def add_noise64(x0, eps, t):
     return np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps
 
 
-def reverse_process64(params, x, targets, *, num_steps, eta, noises):
-    """REFERENCE §2 written out: the trailing per-sample grid and DDIM steps, float64."""
+def reverse_process64(params, x, targets, *, num_steps, eta, noises, denoise=None):
+    """REFERENCE §2 written out: the trailing per-sample grid and DDIM steps, float64
+    (`denoise(params, x, t)`: denoise64 unless given)."""
+    denoise = denoise or denoise64
     k = np.asarray(targets, np.int64)
     ratio = (1000 - k) / num_steps
     table = np.round(np.outer(np.arange(num_steps, 0, -1), ratio)).astype(np.int64) - 1 + k
     prev = table - (1000 - k) // num_steps
     for i in range(num_steps):
         t, t_prev = table[i], prev[i]
-        e = denoise64(params, x, t)
+        e = denoise(params, x, t)
         a_t = ALPHA_BAR[t][:, None, None, None]
         a_prev = np.where(t_prev >= 0, ALPHA_BAR[np.maximum(t_prev, 0)], 1.0)[:, None, None, None]
         x0 = np.clip((x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t + 1e-8), -1, 1)

@@ -11,6 +11,8 @@ with the test images of the classes seen so far:
   penultimate features (512-d for the ResNet-18, 128-d for SimpleCNN). They work offline but
   are not Inception's, so they are never comparable with published FIDs;
 - `gen_frac_class_<c>`: the fraction of samples labelled c, for every class;
+- `label_accuracy` (a class-conditional generator, whose samples are asked for by label,
+  balanced over the classes seen): the fraction the classifier labels as asked;
 - `fid`, `kid`: FID and KID on Inception-v3 pool features (gdjax/eval/fid.py) when
   `eval.fid` is on and the converted Inception weights are present, after every experience
   or the last only (`eval.fid_at`); without the weights these two are left out with one
@@ -58,13 +60,21 @@ def reference_statistics(variables, images, labels, *, arch: str, num_classes: i
                      *metrics.feature_statistics(features))
 
 
-def sample_statistics(variables, samples, *, arch: str, num_classes: int,
-                      batch_size: int = 500, sharding=None) -> tuple[np.ndarray, np.ndarray]:
-    """(generated class frequencies [num_classes], features [N, D]) of samples in [0, 1]."""
+def sample_predictions(variables, samples, *, arch: str, batch_size: int = 500,
+                       sharding=None) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels [N], features [N, D]) of samples in [0, 1] by the `arch` classifier."""
     samples = np.asarray(samples, np.float32) * 2.0 - 1.0  # the classifier reads [-1, 1]
     logits, features = cls.classify(variables, samples, arch=arch, batch_size=batch_size,
                                     sharding=sharding)
-    return metrics.class_frequencies(logits.argmax(-1), num_classes), features
+    return logits.argmax(-1), features
+
+
+def sample_statistics(variables, samples, *, arch: str, num_classes: int,
+                      batch_size: int = 500, sharding=None) -> tuple[np.ndarray, np.ndarray]:
+    """(generated class frequencies [num_classes], features [N, D]) of samples in [0, 1]."""
+    predicted, features = sample_predictions(variables, samples, arch=arch,
+                                             batch_size=batch_size, sharding=sharding)
+    return metrics.class_frequencies(predicted, num_classes), features
 
 
 def compare(reference: Reference, gen_freq: np.ndarray, gen_features: np.ndarray, *,
@@ -150,32 +160,39 @@ class ClassifierEvalHook:
 
     def __call__(self, run, k: int, gen_params) -> dict[str, float]:
         e, seed = run.settings.eval, run.settings.seed
+        asked = run.sample_labels(k)  # a conditional generator's labels; None: unconditional
         samples = sampling.generate(
             run.apply_fn, gen_params, run.schedule, rng.key(seed, "eval_samples", k),
             num=e.num_samples, image_shape=run.image_shape, num_steps=e.steps, eta=e.eta,
-            batch_size=e.batch_size, sharding=run.sharding)
+            batch_size=e.batch_size, sharding=run.sharding, labels=asked)
         seen = gdata.seen_classes(run.experiences, k)
         out = {}
         if self.classifier_dir is not None:
-            out.update(self._classifier_metrics(run, k, samples, seen))
+            out.update(self._classifier_metrics(run, k, samples, seen, asked))
         if self.fid is not None and (e.fid_at == "all" or k == len(run.experiences) - 1):
             out.update(self.fid(run.test_uint8.images, run.test_uint8.labels, seen, samples,
                                 seed=rng.numpy_rng(seed, "kid_inception", k),
                                 sharding=run.sharding))
         return out
 
-    def _classifier_metrics(self, run, k: int, samples, seen) -> dict[str, float]:
+    def _classifier_metrics(self, run, k: int, samples, seen, asked=None) -> dict[str, float]:
+        """The classifier's metrics; with `asked` (`sampling.SampleLabels`), also
+        label_accuracy: the fraction of samples it labels as the class they were asked for."""
         variables, meta = self.classifier()
         ref = self.reference(run.test, seen, run.sharding)
-        gen_freq, features = sample_statistics(variables, samples, arch=self.arch,
-                                               num_classes=meta["num_classes"],
-                                               batch_size=run.settings.eval.batch_size,
-                                               sharding=run.sharding)
+        predicted, features = sample_predictions(variables, samples, arch=self.arch,
+                                                 batch_size=run.settings.eval.batch_size,
+                                                 sharding=run.sharding)
+        gen_freq = metrics.class_frequencies(predicted, meta["num_classes"])
         if hosts.is_writer():
             save_histogram(rundir.histogram(run.workdir, k), ref.freq, gen_freq,
                            title=f"after experience {k} (0-based): class frequencies")
-        return compare(ref, gen_freq, features,
-                       seed=rng.numpy_rng(run.settings.seed, "kid_classifier", k))
+        out = compare(ref, gen_freq, features,
+                      seed=rng.numpy_rng(run.settings.seed, "kid_classifier", k))
+        if asked is not None:
+            out["label_accuracy"] = float(np.mean(predicted == asked.of_rows(
+                np.arange(len(predicted)))))
+        return out
 
 
 def default_eval_hook(config) -> ClassifierEvalHook | None:
