@@ -19,6 +19,9 @@ VARIANTS = {
     "gaussian_distillation": "gaussian_distillation",
     "gaussian_symmetry_distillation": "gaussian_symmetry_distillation",
     "lwf_distillation": "lwf_distillation",
+    # beyond the paper: the teacher's intermediate samples (gdjax/strategies.py), at full
+    # generation distillation's lambda
+    "trajectory_distillation": "trajectory_distillation",
 }
 # Variants with a generator regulariser (gdjax/regularisers.py, at CLoG's weights): naive
 # fine-tuning plus L2, EWC, MAS or SI, CLoG's regularisation baselines.

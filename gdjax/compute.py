@@ -127,7 +127,7 @@ class GeneratorFlops:
             teacher, image(real), ints(real), image(rows), *labels)
         if cfg.name not in strategies.GENERATIVE_STRATEGIES:  # no reverse process
             return 0.0, total
-        targets = ints(rows) if cfg.name == strategies.PARTIAL_GENERATION else None
+        targets = ints(rows) if cfg.name in strategies.PER_ROW_STOP_STRATEGIES else None
         sampling = flops(lambda p, x, t, y: strategies.teacher_generate(
             run.apply_fn, p, run.schedule, x, num_steps=cfg.teacher_steps, eta=cfg.teacher_eta,
             rng=key, targets=t, labels=y, null_label=s.null_label,

@@ -92,6 +92,7 @@ STRATEGY_LABELS = {
     strategies.NO_DISTILLATION: "generative replay",
     strategies.FULL_GENERATION: "generative distillation",
     strategies.PARTIAL_GENERATION: "partial generation distillation",
+    strategies.TRAJECTORY: "trajectory distillation",
     strategies.GAUSSIAN: "gaussian distillation",
     strategies.GAUSSIAN_SYMMETRY: "gaussian symmetry distillation",
     strategies.LWF: "LwF distillation",

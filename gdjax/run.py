@@ -35,7 +35,7 @@ from gdjax.train_step import OptimConfig, make_optimizer, make_train_step
 MODES = ("continual", "iid", "iid_distill")
 IID_DISTILL_STRATEGIES = (strategies.GAUSSIAN, strategies.GAUSSIAN_SYMMETRY,
                           strategies.NO_DISTILLATION, strategies.FULL_GENERATION,
-                          strategies.PARTIAL_GENERATION)
+                          strategies.PARTIAL_GENERATION, strategies.TRAJECTORY)
 DTYPES = ("float32", "bfloat16")
 ON_NAN = ("stop", "skip")
 FID_AT = ("all", "last")

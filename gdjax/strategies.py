@@ -11,6 +11,16 @@ carry labels, balanced over the classes the teacher has learned (made on the hos
 at `teacher_guidance` (1: its conditional prediction alone); the student is conditioned on
 `cond_labels` (the labels after classifier-free dropout to the null label) and the
 distillation targets are the teacher's predictions under the same labels.
+
+Trajectory distillation (beyond the paper; the noisy intermediate distillation of MAGD,
+the paper's follow-up) distils the teacher's reverse process at its intermediate samples:
+each replay row's teacher runs `teacher_steps` DDIM steps from noise towards the row's
+own timestep (drawn as partial generation's), and the row is one of the states that
+process passed through, the step drawn uniformly: its input x_j, its timestep t_j and, as
+the target, the eps the teacher predicted there, which the scan has already computed. So
+its replay costs teacher_steps forwards a row, where full and partial generation
+distillation cost teacher_steps + 1. (A conditional model's targets are recomputed under
+the dropped labels: one more forward.)
 """
 
 from __future__ import annotations
@@ -37,14 +47,17 @@ PARTIAL_GENERATION = "partial_generation_distillation"
 GAUSSIAN = "gaussian_distillation"
 GAUSSIAN_SYMMETRY = "gaussian_symmetry_distillation"
 LWF = "lwf_distillation"
+TRAJECTORY = "trajectory_distillation"  # beyond the paper: MAGD's intermediate samples
 
 STRATEGIES = (NAIVE, CUMULATIVE, ER, NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION,
-              GAUSSIAN, GAUSSIAN_SYMMETRY, LWF)
+              GAUSSIAN, GAUSSIAN_SYMMETRY, LWF, TRAJECTORY)
 # Strategies that need a frozen copy of the previous experience's model.
 TEACHER_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION, GAUSSIAN,
-                      GAUSSIAN_SYMMETRY, LWF)
+                      GAUSSIAN_SYMMETRY, LWF, TRAJECTORY)
 # Strategies whose teacher runs its reverse process (teacher_steps, teacher_eta matter).
-GENERATIVE_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION)
+GENERATIVE_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION, TRAJECTORY)
+# Those whose reverse process stops at each replay row's own timestep.
+PER_ROW_STOP_STRATEGIES = (PARTIAL_GENERATION, TRAJECTORY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +136,19 @@ def symmetric_noise(noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
 
 def teacher_generate(apply_fn: ApplyFn, teacher_params, schedule: Schedule, noise, *,
                      num_steps: int, eta: float, rng, targets=None, labels=None,
-                     null_label: int | None = None, guidance: float = 1.0) -> jnp.ndarray:
+                     null_label: int | None = None, guidance: float = 1.0,
+                     return_trajectory: bool = False):
     """The teacher's DDIM reverse process from `noise` (down to `targets`; None: clean);
     with `labels` [R], each row generated for its label, guided at `guidance` against the
-    `null_label` prediction (gdjax/guidance.py)."""
+    `null_label` prediction (gdjax/guidance.py); with `return_trajectory`, also every
+    step's (x, t, eps) (`ddim.Trajectory`)."""
     if labels is None:
         denoise = lambda x, t: apply_fn(teacher_params, x, t)
     else:
         denoise = guidance_lib.guided_denoise(apply_fn, teacher_params, labels, null_label,
                                               guidance)
     return ddim.reverse_process(denoise, schedule, noise, num_steps=num_steps, targets=targets,
-                                eta=eta, rng=rng)
+                                eta=eta, rng=rng, return_trajectory=return_trajectory)
 
 
 def replay_rows(cfg: StrategyConfig, *, apply_fn: ApplyFn, teacher_params, schedule: Schedule,
@@ -180,6 +195,18 @@ def replay_rows(cfg: StrategyConfig, *, apply_fn: ApplyFn, teacher_params, sched
     if name == PARTIAL_GENERATION:
         x = generate(t)
         return rows(x, t, teacher(x, t, cond_labels))
+    if name == TRAJECTORY:
+        _, path = jax.lax.stop_gradient(teacher_generate(
+            apply_fn, teacher_params, schedule, start, num_steps=cfg.teacher_steps,
+            eta=cfg.teacher_eta, rng=k_gen, targets=t, labels=labels, null_label=null_label,
+            guidance=cfg.teacher_guidance, return_trajectory=True))
+        # one state of each row's own process, its step drawn uniformly (a key apart from
+        # the four above, which it shares with partial generation)
+        step = jax.random.randint(jax.random.fold_in(k_t, 1), t.shape, 0, cfg.teacher_steps)
+        state = lambda a: constrain(a[step, jnp.arange(t.shape[0])])  # noqa: E731
+        x, t_state = state(path.x), state(path.t)
+        target = state(path.eps) if null_label is None else teacher(x, t_state, cond_labels)
+        return rows(x, t_state, target)
     x = add_noise(schedule, generate(None), noise=eps, t=t)
     if name == NO_DISTILLATION:
         return rows(x, t, eps)
