@@ -322,8 +322,17 @@ def test_a_conditional_generator_is_asked_by_label_and_scored_on_it(simple_cnn_d
         return np.where(np.arange(48) % 4 < 2, asked, wrong), features
 
     monkeypatch.setattr(hooks, "sample_predictions", predictions)
-    row = hooks.ClassifierEvalHook(run.settings, simple_cnn_dir)(run, 0, gen_params)
-    assert row["label_accuracy"] == 0.5
+    fid_calls = []  # the FID gets the asked labels for its per-class FIDs
+
+    def fake_fid(real, labels, classes, samples, **kwargs):
+        fid_calls.append(kwargs["sample_labels"])
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(type(run), "test_uint8", gdata.ImageSplit(np.zeros((2, 16, 16, 1),
+                                                                           np.uint8), np.zeros(2)))
+    row = hooks.ClassifierEvalHook(run.settings, simple_cnn_dir, fid=fake_fid)(run, 0, gen_params)
+    assert row["label_accuracy"] == 0.5 and row["fid"] == 1.0
+    np.testing.assert_array_equal(fid_calls[0], asked)
     unguided = sampling.generate(run.apply_fn, gen_params, run.schedule,
                                  rng.key(run.settings.seed, "eval_samples", 0), num=48,
                                  image_shape=run.image_shape, num_steps=2, batch_size=32)

@@ -545,6 +545,27 @@ def test_real_features_are_computed_once_per_data_set_and_cached(counted_network
     assert counted_network.count(("uint8", 40)) == 1
 
 
+def test_per_class_fid_of_samples_asked_by_label(counted_network, tmp_path):
+    """A conditional generator's samples: each class's FID (the samples asked for it
+    against its real images) and their mean, from the same cached real features."""
+    real, labels, samples = toy_test_set()
+    asked = np.array([2, 0])[np.arange(30) % 2]
+    fid = fid_lib.InceptionFID(None, dataset="toy", weights="sha256:w", cache_dir=str(tmp_path))
+    got = fid(real, labels, [2, 0], samples, seed=3, sample_labels=asked)
+    assert counted_network == [("uint8", 40), ("[0, 1]", 30)]
+    fake = fake_features(inception.to_uint8(samples))
+    want = {}
+    for c in (0, 2):
+        mine = fake_features(inception.reference_real_uint8(real[labels == c]))
+        want[c] = metrics.frechet_distance(*metrics.feature_statistics(mine),
+                                           *metrics.feature_statistics(fake[asked == c]))
+        assert got[f"fid_class_{c}"] == pytest.approx(want[c], rel=1e-6)
+    assert got["fid_per_class"] == pytest.approx((want[0] + want[2]) / 2, rel=1e-6)
+    assert got["fid"] == fid(real, labels, [2, 0], samples, seed=3)["fid"]  # unchanged
+    with pytest.raises(ValueError, match="1 samples asked for class 3"):
+        fid(real, labels, [0, 3], samples, sample_labels=np.where(np.arange(30) == 0, 3, 0))
+
+
 def test_a_cache_file_that_does_not_match_is_refused_before_any_work(counted_network, tmp_path):
     real, labels, samples = toy_test_set()
     fid_lib.InceptionFID(None, dataset="toy", weights="sha256:w",

@@ -175,10 +175,17 @@ class InceptionFID:
         return features[index]
 
     def __call__(self, real_uint8, real_labels, classes, samples01, *,
-                 seed: int | np.random.Generator = 0, sharding=None) -> dict[str, float]:
+                 seed: int | np.random.Generator = 0, sharding=None,
+                 sample_labels=None) -> dict[str, float]:
         """{"fid", "kid"} of `samples01` (NHWC in [0, 1]) against the real images of
         `classes` (`real_uint8` uint8 NHWC, `real_labels` int [N]); the network's batches
-        split over `sharding`'s devices when given."""
+        split over `sharding`'s devices when given.
+
+        `sample_labels` [len(samples01)]: the class each sample was asked for (a
+        class-conditional generator); then also "fid_class_<c>", the FID of the samples
+        asked for c against the real images of c, for each c in `classes`, and
+        "fid_per_class", their mean. With n samples of a class these are the FID of n
+        samples (noisier and higher than over all of them)."""
         real = self.real_features(real_uint8, real_labels, classes, sharding)
         progress = Progress(len(samples01), "Inception features of the samples", unit="image")
         fake = inception.pool_features(self.params, samples01, batch_size=self.batch_size,
@@ -186,6 +193,26 @@ class InceptionFID:
         progress.close()
         kid_mean, _ = metrics.kid(real, fake, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                                   seed=seed)
-        return {"fid": metrics.frechet_distance(*metrics.feature_statistics(real),
-                                                *metrics.feature_statistics(fake)),
-                "kid": kid_mean}
+        out = {"fid": metrics.frechet_distance(*metrics.feature_statistics(real),
+                                               *metrics.feature_statistics(fake)),
+               "kid": kid_mean}
+        if sample_labels is not None:
+            out.update(self._per_class(real_uint8, real_labels, classes, fake,
+                                       np.asarray(sample_labels), sharding))
+        return out
+
+    def _per_class(self, real_uint8, real_labels, classes, fake, sample_labels,
+                   sharding) -> dict[str, float]:
+        if len(sample_labels) != len(fake):
+            raise ValueError(f"{len(sample_labels)} sample labels for {len(fake)} samples")
+        out = {}
+        for c in sorted(int(c) for c in classes):
+            mine = fake[sample_labels == c]
+            if len(mine) < 2:
+                raise ValueError(f"{len(mine)} samples asked for class {c}: a per-class FID "
+                                 f"needs at least 2 (raise eval.num_samples)")
+            real = self.real_features(real_uint8, real_labels, (c,), sharding)
+            out[f"fid_class_{c}"] = metrics.frechet_distance(
+                *metrics.feature_statistics(real), *metrics.feature_statistics(mine))
+        out["fid_per_class"] = float(np.mean(list(out.values())))
+        return out

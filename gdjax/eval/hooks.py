@@ -13,6 +13,8 @@ with the test images of the classes seen so far:
 - `gen_frac_class_<c>`: the fraction of samples labelled c, for every class;
 - `label_accuracy` (a class-conditional generator, whose samples are asked for by label,
   balanced over the classes seen): the fraction the classifier labels as asked;
+- `fid_class_<c>`, `fid_per_class` (a class-conditional generator, with FID on): each
+  class's FID between the samples asked for it and its test images, and their mean;
 - `fid`, `kid`: FID and KID on Inception-v3 pool features (gdjax/eval/fid.py) when
   `eval.fid` is on and the converted Inception weights are present, after every experience
   or the last only (`eval.fid_at`); without the weights these two are left out with one
@@ -172,7 +174,8 @@ class ClassifierEvalHook:
         if self.fid is not None and (e.fid_at == "all" or k == len(run.experiences) - 1):
             out.update(self.fid(run.test_uint8.images, run.test_uint8.labels, seen, samples,
                                 seed=rng.numpy_rng(seed, "kid_inception", k),
-                                sharding=run.sharding))
+                                sharding=run.sharding, sample_labels=None if asked is None
+                                else asked.of_rows(np.arange(len(samples)))))
         return out
 
     def _classifier_metrics(self, run, k: int, samples, seen, asked=None) -> dict[str, float]:
