@@ -166,6 +166,11 @@ def _loss_and_grads(spec: _Spec, state: TrainState, teacher_params, batch, rng):
         replay_labels = batch.get("replay_label")
         if replay_labels is not None:
             cond_replay = _drop_labels(k_drop_replay, replay_labels, spec)
+        elif spec.use_replay and spec.strategy.name != strategies.LWF:
+            raise ValueError(
+                f"a class-conditional {spec.strategy.name} step needs the batch's "
+                "'replay_label' (the replay rows' classes, gdjax.data.memory.replay_labels; "
+                "ER: memory_labels), and this batch has none")
     replay, rows_mask = None, None
     if spec.use_replay:
         rows = spec.strategy.replay_size or x0.shape[0]

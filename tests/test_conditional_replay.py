@@ -162,6 +162,9 @@ def test_label_dropout_rate_and_none_at_zero():
         np.testing.assert_array_equal(got[~dropped], own[~dropped])
     _, (_, _, y) = one_step(cfg, batch, label_dropout=0.0)
     np.testing.assert_array_equal(y, np.concatenate([batch["label"], batch["replay_label"]]))
+    del batch["replay_label"]  # a replay batch without its labels is refused, naming them
+    with pytest.raises(ValueError, match="needs the batch's 'replay_label'"):
+        one_step(cfg, batch, label_dropout=0.0)
 
 
 # ----------------------------------------------------------------------------- host side
