@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from configs import split_digits
 
@@ -35,3 +36,23 @@ def tiny_config(strategy="full_generation_distillation", solver=False, **train):
 def leaves(tree):
     """The pytree's leaves as numpy arrays."""
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def killed_then_resumed(config, workdir, monkeypatch, *, at):
+    """Trains `config` in `workdir` until the checkpoint save of (experience, step) `at`,
+    kills it there (KeyboardInterrupt after the save), then resumes it to the end; returns
+    the resumed run's final train state."""
+    from gdjax import continual
+
+    real_save = continual.save
+
+    def dying(loop, ls, *, experience, step):
+        real_save(loop, ls, experience=experience, step=step)
+        if (experience, step) == at:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(continual, "save", dying)
+        with pytest.raises(KeyboardInterrupt):
+            continual.train(config, workdir)
+    return continual.train(config, workdir)

@@ -21,7 +21,7 @@ from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train
 from gdjax.logs import read_metrics
 from gdjax.run import Run
 from tests.conftest import recording_compilations
-from tests.helpers import leaves, tiny_config
+from tests.helpers import killed_then_resumed, leaves, tiny_config
 from tests.test_strategy_options import (SCHEDULE, SHAPE, Draws, add_noise64, f64,
                                          reverse_process64)
 
@@ -301,18 +301,7 @@ def test_a_conditional_run_compiles_once_and_resumes_bitwise(name, tmp_path, mon
     for k, labels in seen:
         teacher = {int(x) for e in run.experiences[:k] for x in e}
         assert labels.shape == (8,) and set(labels.tolist()) <= teacher
-    real_save = continual.save
-
-    def dying(loop, ls, *, experience, step):
-        real_save(loop, ls, experience=experience, step=step)
-        if (experience, step) == (2, 3):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(continual, "save", dying)
-    with pytest.raises(KeyboardInterrupt):
-        continual.train(c, str(tmp_path / "killed"))
-    monkeypatch.undo()
-    resumed = continual.train(c, str(tmp_path / "killed"))
+    resumed = killed_then_resumed(c, str(tmp_path / "killed"), monkeypatch, at=(2, 3))
     for a, b in zip(leaves(resumed.params), leaves(whole.params)):
         np.testing.assert_array_equal(a, b)
     assert read_metrics(tmp_path / "killed", "train") == read_metrics(tmp_path / "whole", "train")

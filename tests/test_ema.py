@@ -11,7 +11,7 @@ from gdjax import continual
 from gdjax.logs import read_metrics
 from gdjax.run import build, settings_from_config
 from gdjax.state import initial_state
-from tests.helpers import leaves, tiny_config
+from tests.helpers import killed_then_resumed, leaves, tiny_config
 
 DECAY = 0.9
 
@@ -69,18 +69,7 @@ def test_the_average_is_evaluated_and_becomes_the_teacher(tmp_path, monkeypatch)
 def test_a_run_with_an_average_killed_mid_experience_resumes_bitwise(tmp_path, monkeypatch):
     c = tiny_config("full_generation_distillation", ema_decay=DECAY, ema_teacher=True)
     whole = continual.train(c, str(tmp_path / "whole"))
-    real_save = continual.save
-
-    def dying(loop, ls, *, experience, step):
-        real_save(loop, ls, experience=experience, step=step)
-        if (experience, step) == (1, 3):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(continual, "save", dying)
-    with pytest.raises(KeyboardInterrupt):
-        continual.train(c, str(tmp_path / "killed"))
-    monkeypatch.undo()
-    resumed = continual.train(c, str(tmp_path / "killed"))
+    resumed = killed_then_resumed(c, str(tmp_path / "killed"), monkeypatch, at=(1, 3))
     for a, b in zip(leaves((resumed.params, resumed.ema)), leaves((whole.params, whole.ema))):
         np.testing.assert_array_equal(a, b)
 
