@@ -200,7 +200,8 @@ def begin_experience(loop: Loop, ls: LoopState, k: int) -> LoopState:
 
 def train_solver(loop: Loop, ls: LoopState, k: int) -> LoopState:
     """The solver learns experience k before the generator does (REFERENCE §6), replaying
-    from the frozen previous generator `ls.teacher`. A run killed before the next
+    from the frozen previous generator `ls.teacher` (a class-conditional one asked for the
+    classes it has learned, `Run.solver_replay_labels`). A run killed before the next
     checkpoint redoes this deterministically."""
     run, s = loop.run, loop.run.settings
     if loop.callbacks.before_solver is not None:
@@ -212,7 +213,7 @@ def train_solver(loop: Loop, ls: LoopState, k: int) -> LoopState:
             s.solver, ls.solver, train=run.train, experiences=run.experiences, experience=k,
             seed=s.seed, gen_apply=run.apply_fn, gen_params=ls.teacher, schedule=run.schedule,
             flip=s.data.flip, drop_last=s.data.drop_last, progress=progress,
-            reg=ls.solver_reg)
+            reg=ls.solver_reg, gen_labels=run.solver_replay_labels(k))
     progress.close()
     return ls._replace(solver=solver, solver_reg=reg)
 

@@ -41,6 +41,8 @@ STREAMS = {
     "solver_flip": 15,      # numpy (experience, epoch, step)
     "solver_pool": 19,      # jax (experience): solver.replay_pool's samples, folded per chunk
     "solver_pool_order": 20,  # numpy (experience, epoch): the pool rows' order
+    "solver_replay_labels": 30,  # numpy (experience, step): a conditional generator's labels
+                                 # for the solver's replay (the pool's: step 0)
     "solver_er_buffer": 25,  # numpy (experience j): the images the solver's ER keeps of j
     "solver_er_memory": 26,  # numpy (experience, epoch, step): its memory rows of a step
     "solver_er_flip": 27,   # numpy (experience, epoch, step): which of them are flipped

@@ -27,7 +27,7 @@ from gdjax import data as gdata
 from gdjax import losses, regularisers, strategies, unet
 from gdjax.data import memory
 from gdjax.eval import CLASSIFIERS, sampling
-from gdjax.eval.solver import SOLVER_STRATEGIES, SolverConfig
+from gdjax.eval.solver import SOLVER_STRATEGIES, ReplayLabels, SolverConfig
 from gdjax.schedule import BETA_SCHEDULES, Schedule, make_schedule, schedule_arrays
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, make_optimizer, make_train_step
@@ -263,7 +263,9 @@ def _strategy(s, num_train_timesteps: int) -> StrategyConfig:
                          replay_start_timestep=s.replay_start_timestep,
                          teacher_steps=s.teacher_steps, teacher_eta=s.teacher_eta,
                          replay_size=s.replay_size, er_buffer_size=s.er_buffer_size,
-                         teacher_guidance=s.teacher_guidance)
+                         teacher_guidance=s.teacher_guidance,
+                         replay_timesteps=s.replay_timesteps,
+                         replay_snr_gamma=s.replay_snr_gamma)
     cfg.check_timesteps(num_train_timesteps)
     return cfg
 
@@ -469,6 +471,17 @@ class Run:
         of experiences 0..k-1, the teacher's (`memory.replay_labels`)."""
         return memory.replay_labels(gdata.seen_classes(self.experiences, k - 1), rows=rows,
                                     seed=self.settings.seed, experience=k, step=step)
+
+    def solver_replay_labels(self, k: int):
+        """What the solver's replay in experience k asks a class-conditional previous
+        generator for (`solver.ReplayLabels`: the classes of experiences 0..k-1, balanced,
+        guided at strategy.teacher_guidance as the generator's own replay is); None for an
+        unconditional model or the first experience."""
+        s = self.settings
+        if not s.class_conditional or k == 0:
+            return None
+        return ReplayLabels(gdata.seen_classes(self.experiences, k - 1),
+                            s.null_label, float(s.strategy.teacher_guidance))
 
     def sample_labels(self, k: int):
         """The labels evaluation samples after experience k are asked for (a conditional

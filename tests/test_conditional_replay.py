@@ -15,7 +15,7 @@ import pytest
 from gdjax import continual, strategies, unet
 from gdjax import run as run_lib
 from gdjax.data import memory
-from gdjax.eval import sampling
+from gdjax.eval import sampling, solver
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
 from gdjax.logs import read_metrics
@@ -233,6 +233,74 @@ def test_samples_asked_by_label_with_guidance_equal_float64():
     assert np.abs(labelled - out).max() > 0.01
 
 
+# ----------------------------------------------------------------------------- the solver
+
+
+def test_the_solvers_pool_asks_a_conditional_generator_for_balanced_labels():
+    """solver.replay_pool with ReplayLabels: 9 labels balanced over the generator's classes
+    (the stream "solver_replay_labels" at step 0, not the generator's own "replay_labels"),
+    chunk i of 4 rows guided at 2.0 for labels 4i..4i+3, equal to the float64 guided DDIM
+    from the same initial noise; without labels, the null label's samples."""
+    asked = solver.ReplayLabels((3, 0, 1), NULL, 2.0)
+    cfg = solver.SolverConfig(batch_size=4, replay_size=4, gen_steps=3, replay_pool=9)
+    params = jax.tree.map(jnp.asarray, TEACHER)
+    pool = solver.replay_pool(cfg, sample_denoise, params, SCHEDULE, seed=5, experience=2,
+                              image_shape=SHAPE, batch_size=4, gen_labels=asked)
+    plain = solver.replay_pool(cfg, sample_denoise, params, SCHEDULE, seed=5, experience=2,
+                               image_shape=SHAPE, batch_size=4)
+    labels = memory.replay_labels((3, 0, 1), rows=9, seed=5, experience=2, step=0,
+                                  stream="solver_replay_labels")
+    np.testing.assert_array_equal(asked.draw(9, seed=5, experience=2, step=0), labels)
+    np.testing.assert_array_equal(np.bincount(labels, minlength=4), [3, 3, 0, 3])
+    assert not np.array_equal(labels, memory.replay_labels((3, 0, 1), rows=9, seed=5,
+                                                           experience=2, step=0))
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(5), 19), 2)  # solver_pool
+    x_init = np.concatenate([f64(jax.random.normal(jax.random.fold_in(base, i), (4,) + SHAPE))
+                             for i in range(3)])[:9]
+    for got, fn in ((pool, lambda p, x, t: guided64(p, x, t, labels, 2.0)),
+                    (plain, lambda p, x, t: cond64(p, x, t, np.full(len(x), NULL)))):
+        want = reverse_process64(TEACHER, x_init, np.zeros(9, np.int64), num_steps=3, eta=0.0,
+                                 noises=np.zeros((3, 9) + SHAPE), denoise=fn)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(pool - plain).max() > 0.01
+
+
+def test_the_solvers_fresh_replay_asks_for_each_steps_labels(monkeypatch):
+    """Without a pool, every solver step of an experience gets its own balanced labels
+    (ReplayLabels.draw at the experience's step count), and the compiled step generates its
+    replay rows for them: the same rows as the float64 guided DDIM of those labels."""
+    asked = solver.ReplayLabels((2, 1), NULL, 1.5)
+    shape = (16, 16, 1)  # the SimpleCNN's smallest input
+    cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2, epochs=2)
+    seen = []  # what the step's replay generation was given
+    real = solver.generate_replay
+
+    def recording(*args, **kw):
+        x = real(*args, **kw)
+        jax.debug.callback(lambda *a: seen.append(tuple(map(np.asarray, a))),
+                           jax.random.key_data(args[3]), kw["labels"], x)
+        return x
+
+    monkeypatch.setattr(solver, "generate_replay", recording)
+    state = solver.init_state(cfg, jax.random.key(0), shape)
+    images = np.random.default_rng(0).uniform(-1, 1, (6,) + shape).astype(np.float32)
+    solver.train_experience(cfg, state, images=images, labels=np.arange(6) % 4, experience=3,
+                            seed=7, with_replay=True, gen_apply=sample_denoise,
+                            gen_params=jax.tree.map(jnp.asarray, TEACHER), schedule=SCHEDULE,
+                            gen_labels=asked)
+    assert len(seen) == 4  # 2 epochs of 2 steps (6 images, batch 4, the last partial)
+    for step, (key, labels, x) in enumerate(seen):
+        want_labels = memory.replay_labels((2, 1), rows=3, seed=7, experience=3, step=step,
+                                           stream="solver_replay_labels")
+        np.testing.assert_array_equal(labels, want_labels)
+        x_init = f64(jax.random.normal(jax.random.wrap_key_data(key), (3,) + shape))
+        want = reverse_process64(TEACHER, x_init, np.zeros(3, np.int64), num_steps=2, eta=0.0,
+                                 noises=np.zeros((2, 3) + shape),
+                                 denoise=lambda p, x, t: guided64(p, x, t, want_labels, 1.5))
+        np.testing.assert_allclose(x, want, atol=2e-5)
+    assert len({labels.tobytes() for _, labels, _ in seen}) > 1
+
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -244,6 +312,10 @@ def test_settings_and_the_models_labels():
     # 2 experiences of 5 digits: the samples after the second are asked for all ten
     assert r.sample_labels(1) == sampling.SampleLabels(
         tuple(r.experiences[0]) + tuple(r.experiences[1]), 10, 1.0)
+    # the solver's replay asks the previous generator for its classes, at its guidance
+    assert r.solver_replay_labels(0) is None
+    assert r.solver_replay_labels(1) == solver.ReplayLabels(tuple(r.experiences[0]), 10, 1.0)
+    assert run_lib.build(tiny_config(), "/nonexistent").solver_replay_labels(1) is None
     labels = r.replay_labels(1, step=3, rows=8)  # the teacher's 5 classes in 8 rows
     counts = np.bincount(labels, minlength=10)[list(r.experiences[0])]
     assert counts.sum() == 8 and counts.min() == 1 and counts.max() == 2

@@ -190,7 +190,7 @@ class FakeSteps:
     def __init__(self, losses=()):
         self.made, self.calls, self.losses = [], [], list(losses)
 
-    def __call__(self, cfg, gen_apply, with_replay, mesh=None, pooled=False):
+    def __call__(self, cfg, gen_apply, with_replay, mesh=None, pooled=False, gen_labels=None):
         self.made.append((gen_apply, with_replay) + ((True,) if pooled else ()))
 
         def step(state, gen_params, schedule, images, labels, mask, experience, rng):

@@ -62,14 +62,15 @@ def memory_labels(labels: np.ndarray, buffer: np.ndarray, *, rows: int, seed: in
 
 
 def replay_labels(classes: Sequence[int], *, rows: int, seed: int, experience: int,
-                  step: int) -> np.ndarray:
+                  step: int, stream: str = "replay_labels") -> np.ndarray:
     """Conditional replay's labels of `step` of `experience`: int32 [rows], balanced over
     `classes` (the teacher's; every class `rows // len(classes)` times, the remainder one
     more time each for distinct classes drawn at random), in a random order; the named
-    stream "replay_labels" at (experience, step)."""
+    `stream` ("replay_labels": the generator's; the solver's replay has its own) at
+    (experience, step)."""
     classes = np.asarray(classes, np.int32)
     if classes.size == 0:
         raise ValueError("conditional replay needs the classes of at least one experience")
-    generator = rng.numpy_rng(seed, "replay_labels", experience, step)
+    generator = rng.numpy_rng(seed, stream, experience, step)
     labels = np.resize(generator.permutation(classes), rows)
     return generator.permutation(labels).astype(np.int32)

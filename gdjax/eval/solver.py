@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gdjax import data as gdata
 from gdjax.data import memory as gmemory
 from gdjax import ddim, hosts, losses, rng
+from gdjax import guidance as guidance_lib
 from gdjax.eval import batching, metrics
 from gdjax.eval import regularisers as reg_lib
 from gdjax.eval import classifier as cls
@@ -181,40 +182,74 @@ def init_state(cfg: SolverConfig, rng: jax.Array, image_shape: tuple) -> SolverS
                                       jax.tree.map(jnp.copy, params)), shardings()[1])
 
 
+class ReplayLabels(NamedTuple):
+    """What the solver asks a class-conditional previous generator for: labels balanced over
+    `classes` (the generator's), guided at `guidance` against `null_label`
+    (gdjax/guidance.py; 1: the conditional prediction alone)."""
+
+    classes: tuple[int, ...]
+    null_label: int
+    guidance: float = 1.0
+
+    def draw(self, rows: int, *, seed: int, experience: int, step: int) -> np.ndarray:
+        """int32 [rows]: the balanced labels of `step` (`memory.replay_labels` on the stream
+        "solver_replay_labels"; the pool's are step 0)."""
+        return gmemory.replay_labels(self.classes, rows=rows, seed=seed, experience=experience,
+                                     step=step, stream="solver_replay_labels")
+
+
 def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *, shape,
-                    num_steps: int):
-    """The previous generator's raw DDIM samples in [-1, 1] (eta 0), frozen."""
+                    num_steps: int, labels=None, gen_labels: ReplayLabels | None = None):
+    """The previous generator's raw DDIM samples in [-1, 1] (eta 0), frozen; a conditional
+    generator's (`gen_labels`) each for its row of `labels` [R]."""
     x_init = jax.random.normal(rng, shape)
-    x = ddim.reverse_process(lambda x, t: gen_apply(gen_params, x, t), schedule, x_init,
-                             num_steps=num_steps)
+    if gen_labels is None:
+        denoise = lambda x, t: gen_apply(gen_params, x, t)  # noqa: E731
+    else:
+        denoise = guidance_lib.guided_denoise(gen_apply, gen_params, labels,
+                                              gen_labels.null_label, gen_labels.guidance)
+    x = ddim.reverse_process(denoise, schedule, x_init, num_steps=num_steps)
     return jax.lax.stop_gradient(x)
 
 
 @functools.lru_cache(maxsize=8)
-def _pool_chunk(gen_apply: Callable, rows: int, num_steps: int, mesh=None):
-    """jit: (gen_params, schedule, key, x-shaped zeros) -> `rows` replay images, sharded."""
+def _pool_chunk(gen_apply: Callable, rows: int, num_steps: int, mesh=None,
+                gen_labels: ReplayLabels | None = None):
+    """jit: (gen_params, schedule, key, x-shaped zeros, labels [rows] or None) -> `rows`
+    replay images, sharded."""
     rows_sharding, same = shardings(mesh)
 
-    def chunk(gen_params, schedule, key, like):
+    def chunk(gen_params, schedule, key, like, labels):
         return generate_replay(gen_apply, gen_params, schedule, key, shape=like.shape,
-                               num_steps=num_steps)
+                               num_steps=num_steps, labels=labels, gen_labels=gen_labels)
 
-    return jax.jit(chunk, in_shardings=(same, same, same, rows_sharding),
+    return jax.jit(chunk, in_shardings=(same, same, same, rows_sharding, rows_sharding),
                    out_shardings=rows_sharding)
 
 
 def replay_pool(cfg: SolverConfig, gen_apply: Callable, gen_params, schedule: Schedule, *,
-                seed: int, experience: int, image_shape: tuple, batch_size: int) -> np.ndarray:
+                seed: int, experience: int, image_shape: tuple, batch_size: int,
+                gen_labels: ReplayLabels | None = None) -> np.ndarray:
     """The `cfg.replay_pool` replay images [N, H, W, C] of an experience (solver.replay_pool),
     drawn by the previous generator as the fresh replay is (`generate_replay`), in chunks of
-    the replay rows R: chunk i from the stream "solver_pool" at (experience, i)."""
+    the replay rows R: chunk i from the stream "solver_pool" at (experience, i); a
+    conditional generator's for N labels balanced over its classes (`gen_labels.draw`,
+    step 0), chunk i taking rows iR..(i+1)R-1 of them."""
     rows = cfg.replay_size or batch_size
     rows_sharding, _ = shardings()
-    fn = _pool_chunk(gen_apply, rows, cfg.gen_steps)
+    fn = _pool_chunk(gen_apply, rows, cfg.gen_steps, gen_labels=gen_labels)
     like = gdata.global_rows(np.zeros((rows,) + tuple(image_shape), np.float32), rows_sharding)
     base = rng.key(seed, "solver_pool", experience)
-    chunks = [hosts.host_copy(fn(gen_params, schedule, jax.random.fold_in(base, i), like))
-              for i in range(-(-cfg.replay_pool // rows))]
+    num_chunks = -(-cfg.replay_pool // rows)
+    labels = None
+    if gen_labels is not None:  # balanced over the pool; the last chunk's extra rows dropped
+        labels = np.resize(gen_labels.draw(cfg.replay_pool, seed=seed, experience=experience,
+                                           step=0), num_chunks * rows)
+    chunks = [hosts.host_copy(fn(
+        gen_params, schedule, jax.random.fold_in(base, i), like,
+        None if labels is None else gdata.global_rows(labels[i * rows:(i + 1) * rows],
+                                                      rows_sharding)))
+              for i in range(num_chunks)]
     return np.concatenate(chunks)[:cfg.replay_pool]
 
 
@@ -228,13 +263,14 @@ def pool_rows(pool: np.ndarray, *, seed: int, experience: int, epoch: int, step:
 
 @functools.lru_cache(maxsize=8)
 def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, mesh=None,
-              pooled: bool = False):
+              pooled: bool = False, gen_labels: ReplayLabels | None = None):
     """The jitted step `(state, gen_params, schedule, images, labels, mask, experience, rng)
     -> (state, loss)`; `mask` [B] marks the real rows (1) of a padded batch; `gen_params`
     (the previous generator) and `schedule` are only read `with_replay` (pass None
     otherwise). `pooled` (solver.replay_pool): the step's replay rows [R, H, W, C] come
-    ready in place of `gen_params`, and `schedule` is None. Cached per setting: `gen_apply`
-    must be stable."""
+    ready in place of `gen_params`, and `schedule` is None. With `gen_labels` (a
+    conditional generator's fresh replay) the step takes a ninth argument, the replay rows'
+    labels [R] (`ReplayLabels.draw`). Cached per setting: `gen_apply` must be stable."""
     model, optimizer = cls.SimpleCNN(num_classes=cfg.num_classes), make_optimizer(cfg)
 
     def loss_fn(params, teacher, images, labels, mask, replay, experience, rng):
@@ -251,13 +287,14 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, 
                            direction=cfg.replay_loss)
 
     def solver_step(state: SolverState, gen_params, schedule, images, labels, mask, experience,
-                    rng):
+                    rng, replay_labels=None):
         k_gen, k_drop = jax.random.split(rng)
         replay = gen_params if pooled else None
         if with_replay and not pooled:
             rows = cfg.replay_size or images.shape[0]
             replay = generate_replay(gen_apply, gen_params, schedule, k_gen,
-                                     shape=(rows,) + images.shape[1:], num_steps=cfg.gen_steps)
+                                     shape=(rows,) + images.shape[1:], num_steps=cfg.gen_steps,
+                                     labels=replay_labels, gen_labels=gen_labels)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.teacher, images, labels,
                                                   mask, replay, experience, k_drop)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -267,9 +304,10 @@ def make_step(cfg: SolverConfig, gen_apply: Callable | None, with_replay: bool, 
     # Declared shardings: the batch split over the mesh's 'data' axis, the rest replicated
     # (a misplaced input is an error, not a silent second compilation).
     rows, same = shardings(mesh)
+    labelled = (rows,) if gen_labels is not None and with_replay and not pooled else ()
     return jax.jit(solver_step, donate_argnums=(0,),
                    in_shardings=(same, rows if pooled else same, same, rows, rows, rows, same,
-                                 same),
+                                 same) + labelled,
                    out_shardings=(same, same))
 
 
@@ -372,12 +410,14 @@ def experience_data(strategy: str, train: gdata.ImageSplit, experiences, k: int)
 def learn_experience(cfg: SolverConfig, state: SolverState, *, train: gdata.ImageSplit,
                      experiences, experience: int, seed: int, gen_apply: Callable,
                      gen_params, schedule: Schedule, flip: bool = False,
-                     drop_last: bool = False, progress=None, reg=None):
+                     drop_last: bool = False, progress=None, reg=None,
+                     gen_labels: ReplayLabels | None = None):
     """(the solver after experience k, its regulariser state): the previous solver frozen
     as the teacher of its replay (or of LwF), then trained on the experience's data
-    (`train_experience`), replaying from `gen_params` (the previous generator) under
-    "generative_replay" from k = 1 on, from ER's buffer of real images under "er"; EWC's
-    importance and SI's consolidation follow the training (`reg`: `init_reg`'s state)."""
+    (`train_experience`), replaying from `gen_params` (the previous generator; a
+    conditional one asked for `gen_labels`) under "generative_replay" from k = 1 on, from
+    ER's buffer of real images under "er"; EWC's importance and SI's consolidation follow
+    the training (`reg`: `init_reg`'s state)."""
     state = state._replace(teacher=jax.tree.map(jnp.copy, state.params))
     data = experience_data(cfg.strategy, train, experiences, experience)
     memory, active = None, None
@@ -394,7 +434,8 @@ def learn_experience(cfg: SolverConfig, state: SolverState, *, train: gdata.Imag
         cfg, state, images=data.images, labels=data.labels, experience=experience, seed=seed,
         with_replay=cfg.strategy == "generative_replay" and experience > 0,
         gen_apply=gen_apply, gen_params=gen_params, schedule=schedule, flip=flip,
-        drop_last=drop_last, progress=progress, reg=reg, memory=memory, active=active)
+        drop_last=drop_last, progress=progress, reg=reg, memory=memory, active=active,
+        gen_labels=gen_labels)
     if cfg.strategy == "ewc":
         importance = ewc_importance(cfg, state.params, data.images, data.labels)
         reg = reg_lib.ewc_store(reg, state.params, importance, experience)
@@ -429,7 +470,7 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
                      gen_apply: Callable | None = None, gen_params=None,
                      schedule: Schedule | None = None, flip: bool = False,
                      drop_last: bool = False, progress=None, reg=None, memory=None,
-                     active=None):
+                     active=None, gen_labels: ReplayLabels | None = None):
     """Trains the solver on one experience's data (cfg.epochs epochs); returns (its state,
     the regulariser state `reg` as the steps left it).
 
@@ -439,8 +480,10 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     mirrors rows as the generator's batches are (stream "solver_flip"); dropout and replay
     keys come from the stream "solver_step" (with `cfg.replay_pool`, the replay rows from
     `replay_pool` and `pool_rows`). The baselines (BASELINES) take their own step:
-    `memory` (images, labels) is ER's buffer, `active` [C] LwF's distilled classes. A rerun
-    is identical.
+    `memory` (images, labels) is ER's buffer, `active` [C] LwF's distilled classes. A
+    class-conditional generator replays for `gen_labels` (`ReplayLabels`: the fresh
+    replay's labels of step s of the experience are `gen_labels.draw` at s, the pool's at
+    0). A rerun is identical.
     """
     batch = min(cfg.batch_size, len(images))
     if batch < 1:
@@ -451,12 +494,14 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
         step_fn = make_baseline_step(cfg)
     else:
         step_fn = make_step(cfg, gen_apply if with_replay and not pooled else None,
-                            with_replay, pooled=pooled)
+                            with_replay, pooled=pooled,
+                            gen_labels=gen_labels if with_replay and not pooled else None)
     frozen = (gen_params, schedule) if with_replay else (None, None)
+    fresh_labels = with_replay and not pooled and gen_labels is not None
     if pooled:
         pool = replay_pool(cfg, gen_apply, gen_params, schedule, seed=seed,
                            experience=experience, image_shape=images.shape[1:],
-                           batch_size=batch)
+                           batch_size=batch, gen_labels=gen_labels)
     # On the mesh, like the step's outputs: arrays of another placement (a fresh optimizer
     # state) would make the second step of every experience compile again.
     rows_sharding, same = shardings()
@@ -493,7 +538,12 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
                     frozen = (place(pool_rows(pool, seed=seed, experience=experience,
                                               epoch=epoch, step=i,
                                               rows=cfg.replay_size or batch)), None)
-                state, loss = step_fn(state, *frozen, *batch_in, step_key)
+                asked = ()
+                if fresh_labels:
+                    asked = (place(gen_labels.draw(cfg.replay_size or batch, seed=seed,
+                                                   experience=experience,
+                                                   step=epoch * per_epoch + i)),)
+                state, loss = step_fn(state, *frozen, *batch_in, step_key, *asked)
             losses.append(loss)
         check_finite([hosts.host_copy(loss) for loss in losses], experience=experience,
                      epoch=epoch, first_step=epoch * per_epoch)
