@@ -70,6 +70,11 @@ def get_config() -> ConfigDict:
         replay_size=0,          # 0: the batch size
         er_buffer_size=1000,
         teacher_guidance=1.0,   # conditional replay: the teacher's guidance scale (1: none)
+        # The replay rows' timesteps: uniform (the reference) | min_snr (probability
+        # proportional to min(SNR(t), gamma) / SNR(t): uniform over the noisy steps, thinning
+        # out where the teacher's prediction is nearly the noise itself; ER keeps uniform)
+        replay_timesteps="uniform",
+        replay_snr_gamma=5.0,
         # The generator's regularisation baselines (gdjax/regularisers.py, CLoG's set), with
         # any strategy: none | l2 | ewc | mas | si; the loss gains weight * sum importance *
         # (params - previous experience's params)^2

@@ -117,7 +117,9 @@ ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher"
               "strategy.regulariser_batches": 0, "strategy.regulariser_eps": 0.01,
               # class-conditional models and replay
               "model.class_conditional": False, "strategy.teacher_guidance": 1.0,
-              "train.label_dropout": 0.1, "eval.guidance_scale": 1.0}
+              "train.label_dropout": 0.1, "eval.guidance_scale": 1.0,
+              # the replay rows' timestep rule
+              "strategy.replay_timesteps": "uniform", "strategy.replay_snr_gamma": 5.0}
 
 
 def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:

@@ -58,6 +58,9 @@ TEACHER_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION, GAUS
 GENERATIVE_STRATEGIES = (NO_DISTILLATION, FULL_GENERATION, PARTIAL_GENERATION, TRAJECTORY)
 # Those whose reverse process stops at each replay row's own timestep.
 PER_ROW_STOP_STRATEGIES = (PARTIAL_GENERATION, TRAJECTORY)
+# How the replay rows' timesteps are drawn (strategy.replay_timesteps): uniformly over
+# replay_start_timestep..T-1 (the reference), or by replay_timestep_probs.
+REPLAY_TIMESTEPS = ("uniform", "min_snr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +76,19 @@ class StrategyConfig:
     replay_size: int = 0  # 0: the batch size
     er_buffer_size: int = 1000  # experience replay's buffer (gdjax/data/memory.py)
     teacher_guidance: float = 1.0  # conditional replay: the teacher's guidance scale
+    replay_timesteps: str = "uniform"  # or "min_snr" (REPLAY_TIMESTEPS, replay_timestep_probs)
+    replay_snr_gamma: float = 5.0
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(
                 f"strategy.name={self.name!r} is unknown; use one of: {', '.join(STRATEGIES)}.")
+        if self.replay_timesteps not in REPLAY_TIMESTEPS:
+            raise ValueError(f"strategy.replay_timesteps={self.replay_timesteps!r} is unknown; "
+                             f"use one of: {', '.join(REPLAY_TIMESTEPS)}.")
+        gamma = self.replay_snr_gamma
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"strategy.replay_snr_gamma={gamma!r} must be a finite number > 0.")
         for name in ("lambd", "teacher_eta", "teacher_guidance"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -98,6 +109,19 @@ class StrategyConfig:
         if not self.teacher_steps <= num_train_timesteps:
             raise ValueError(
                 f"strategy.teacher_steps={self.teacher_steps} must be in 1..{num_train_timesteps}.")
+
+
+def replay_timestep_probs(alphas_cumprod, t_low: int, gamma: float) -> jnp.ndarray:
+    """strategy.replay_timesteps="min_snr": P(t) [T] proportional to min(SNR(t), gamma) /
+    SNR(t) = min(1, gamma / SNR(t)) for t >= t_low, 0 below; SNR(t) = abar / (1 - abar), so
+    every step with SNR <= gamma (all the noisy ones, t = T - 1 at zero terminal SNR
+    included) is equally likely and a cleaner one gamma / SNR(t) times as likely. At small
+    SNR the teacher's prediction holds what it knows of the images; at large SNR it is
+    nearly the noise added, which a replay row teaches little."""
+    abar = jnp.asarray(alphas_cumprod, jnp.float32)
+    weight = jnp.minimum(1.0, gamma * (1.0 - abar) / abar)  # gamma / SNR, no 0 / 0
+    weight = jnp.where(jnp.arange(abar.shape[0]) >= t_low, weight, 0.0)
+    return weight / jnp.sum(weight)
 
 
 class ReplayRows(NamedTuple):
@@ -181,7 +205,11 @@ def replay_rows(cfg: StrategyConfig, *, apply_fn: ApplyFn, teacher_params, sched
     eps = constrain(jax.random.normal(k_noise, image_shape))
     # ER's memory rows are ordinary training rows: timesteps from the full range.
     t_low = 0 if name == ER else cfg.replay_start_timestep
-    t = constrain(jax.random.randint(k_t, image_shape[:1], t_low, T))
+    if name != ER and cfg.replay_timesteps == "min_snr":
+        probs = replay_timestep_probs(schedule.alphas_cumprod, t_low, cfg.replay_snr_gamma)
+        t = constrain(jax.random.categorical(k_t, jnp.log(probs), shape=image_shape[:1]))
+    else:
+        t = constrain(jax.random.randint(k_t, image_shape[:1], t_low, T))
     if name == ER:
         return rows(add_noise(schedule, memory_x0, noise=eps, t=t), t, eps)
     if name in (GAUSSIAN, GAUSSIAN_SYMMETRY):
