@@ -15,7 +15,7 @@ from gdjax.run import build, settings_from_config
 from gdjax.schedule import make_schedule
 from gdjax.strategies import StrategyConfig
 from gdjax.train_step import OptimConfig, init_state, make_optimizer, make_train_step
-from tests.helpers import leaves, tiny_config
+from tests.helpers import killed_then_resumed, leaves, tiny_config
 
 B, SHAPE, D = 6, (2, 2, 1), 4
 SCHEDULE = make_schedule("linear", num_train_timesteps=50, beta_start=1e-4, beta_end=0.02,
@@ -246,18 +246,7 @@ def test_a_regularised_run_killed_mid_experience_resumes_bitwise(name, tmp_path,
     c = _config(name)
     c.data.n_experiences = 5
     whole = continual.train(c, str(tmp_path / "whole"))
-    real_save = continual.save
-
-    def dying(loop, ls, *, experience, step):
-        real_save(loop, ls, experience=experience, step=step)
-        if (experience, step) == (2, 3):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(continual, "save", dying)
-    with pytest.raises(KeyboardInterrupt):
-        continual.train(c, str(tmp_path / "killed"))
-    monkeypatch.undo()
-    resumed = continual.train(c, str(tmp_path / "killed"))
+    resumed = killed_then_resumed(c, str(tmp_path / "killed"), monkeypatch, at=(2, 3))
     for a, b in zip(leaves((resumed.params, resumed.reg)), leaves((whole.params, whole.reg))):
         np.testing.assert_array_equal(a, b)
     assert read_metrics(tmp_path / "killed", "train") == read_metrics(tmp_path / "whole",
