@@ -10,7 +10,7 @@
 Each variant's config is the config file's `get_config(variant)` (so each strategy gets its
 own lambda, configs/base.py) with the command line's `--config.x.y` overrides on top. A
 config file may declare a schedule for sweeps (`SWEEP = {"steps_per_experience": ...,
-"solver_epochs": ...}`): the digits halve theirs to fit 12 runs in about 40 minutes on 2 CPU
+"solver_epochs": ...}`): the digits cut their generator steps to fit 12 runs in about 40 minutes on 2 CPU
 cores. --steps_per_experience / --solver_epochs override it; 0 keeps the config's own.
 
 Every run goes to <root>/<variant>_seed<seed> (default root: runs/reproduce_<config name>)

@@ -101,7 +101,8 @@ def parse_reproduce(monkeypatch, *args):
 
 def test_reproduce_command_defaults_and_overrides(monkeypatch, tmp_path):
     """The default sweep: 4 variants x seeds 42, 69, 1714 on split_digits, at 200 generator
-    steps and 5 solver epochs; 0 keeps the config's 300 and 10; flags narrow the sweep.
+    steps and the config's 10 solver epochs; 0 keeps the config's 300; flags narrow the
+    sweep and set the solver's epochs.
 
     (The 0 case runs first: main() sets the halved schedule on the parsed config.)"""
     got = parse_reproduce(monkeypatch, "--steps_per_experience=0", "--solver_epochs=0",
@@ -110,6 +111,10 @@ def test_reproduce_command_defaults_and_overrides(monkeypatch, tmp_path):
     [(name, c)] = got["runs"]
     assert (name, c.strategy.name, c.seed) == ("er_seed3", "er", 3)
     assert (c.train.steps_per_experience, c.solver.epochs) == (300, 10)
+    got = parse_reproduce(monkeypatch, "--solver_epochs=4", "--variants=er", "--seeds=3",
+                          f"--root={tmp_path}")
+    assert (got["runs"][0][1].train.steps_per_experience, got["runs"][0][1].solver.epochs) \
+        == (200, 4)
 
     got = parse_reproduce(monkeypatch)
     assert got["root"] == "runs/reproduce_digits"
@@ -119,5 +124,5 @@ def test_reproduce_command_defaults_and_overrides(monkeypatch, tmp_path):
     assert {c.strategy.name for _, c in got["runs"]} == {
         "naive", "cumulative", "no_distillation", "full_generation_distillation"}
     for _, c in got["runs"]:
-        assert (c.data.name, c.train.steps_per_experience, c.solver.epochs) == ("digits", 200, 5)
+        assert (c.data.name, c.train.steps_per_experience, c.solver.epochs) == ("digits", 200, 10)
 
