@@ -268,7 +268,8 @@ def test_the_solvers_pool_asks_a_conditional_generator_for_balanced_labels():
 def test_the_solvers_fresh_replay_asks_for_each_steps_labels(monkeypatch):
     """Without a pool, every solver step of an experience gets its own balanced labels
     (ReplayLabels.draw at the experience's step count), and the compiled step generates its
-    replay rows for them: the same rows as the float64 guided DDIM of those labels."""
+    replay rows for them: the same rows as the float64 guided DDIM of those labels. The next
+    experience, with more classes, reuses the compiled step."""
     asked = solver.ReplayLabels((2, 1), NULL, 1.5)
     shape = (16, 16, 1)  # the SimpleCNN's smallest input
     cfg = solver.SolverConfig(batch_size=4, replay_size=3, gen_steps=2, epochs=2)
@@ -284,10 +285,10 @@ def test_the_solvers_fresh_replay_asks_for_each_steps_labels(monkeypatch):
     monkeypatch.setattr(solver, "generate_replay", recording)
     state = solver.init_state(cfg, jax.random.key(0), shape)
     images = np.random.default_rng(0).uniform(-1, 1, (6,) + shape).astype(np.float32)
-    solver.train_experience(cfg, state, images=images, labels=np.arange(6) % 4, experience=3,
-                            seed=7, with_replay=True, gen_apply=sample_denoise,
-                            gen_params=jax.tree.map(jnp.asarray, TEACHER), schedule=SCHEDULE,
-                            gen_labels=asked)
+    state, _ = solver.train_experience(
+        cfg, state, images=images, labels=np.arange(6) % 4, experience=3, seed=7,
+        with_replay=True, gen_apply=sample_denoise, gen_params=jax.tree.map(jnp.asarray, TEACHER),
+        schedule=SCHEDULE, gen_labels=asked)
     assert len(seen) == 4  # 2 epochs of 2 steps (6 images, batch 4, the last partial)
     for step, (key, labels, x) in enumerate(seen):
         want_labels = memory.replay_labels((2, 1), rows=3, seed=7, experience=3, step=step,
@@ -299,6 +300,14 @@ def test_the_solvers_fresh_replay_asks_for_each_steps_labels(monkeypatch):
                                  denoise=lambda p, x, t: guided64(p, x, t, want_labels, 1.5))
         np.testing.assert_allclose(x, want, atol=2e-5)
     assert len({labels.tobytes() for _, labels, _ in seen}) > 1
+    # the next experience's classes differ, its compiled step does not
+    made = solver.make_step.cache_info().misses
+    solver.train_experience(cfg, state, images=images, labels=np.arange(6) % 4, experience=4,
+                            seed=7, with_replay=True, gen_apply=sample_denoise,
+                            gen_params=jax.tree.map(jnp.asarray, TEACHER), schedule=SCHEDULE,
+                            gen_labels=asked._replace(classes=(2, 1, 0)))
+    assert solver.make_step.cache_info().misses == made and len(seen) == 8
+    assert set(np.concatenate([labels for _, labels, _ in seen[4:]])) == {0, 1, 2}
 
 
 # ----------------------------------------------------------------------------- settings

@@ -198,6 +198,12 @@ class ReplayLabels(NamedTuple):
                                      step=step, stream="solver_replay_labels")
 
 
+def _traced(gen_labels: ReplayLabels | None) -> ReplayLabels | None:
+    """What a compiled replay reads of `gen_labels`: the null label and the guidance (the
+    labels come as an argument), so that one compilation serves every experience."""
+    return None if gen_labels is None else gen_labels._replace(classes=())
+
+
 def generate_replay(gen_apply: Callable, gen_params, schedule: Schedule, rng, *, shape,
                     num_steps: int, labels=None, gen_labels: ReplayLabels | None = None):
     """The previous generator's raw DDIM samples in [-1, 1] (eta 0), frozen; a conditional
@@ -237,7 +243,7 @@ def replay_pool(cfg: SolverConfig, gen_apply: Callable, gen_params, schedule: Sc
     step 0), chunk i taking rows iR..(i+1)R-1 of them."""
     rows = cfg.replay_size or batch_size
     rows_sharding, _ = shardings()
-    fn = _pool_chunk(gen_apply, rows, cfg.gen_steps, gen_labels=gen_labels)
+    fn = _pool_chunk(gen_apply, rows, cfg.gen_steps, gen_labels=_traced(gen_labels))
     like = gdata.global_rows(np.zeros((rows,) + tuple(image_shape), np.float32), rows_sharding)
     base = rng.key(seed, "solver_pool", experience)
     num_chunks = -(-cfg.replay_pool // rows)
@@ -495,7 +501,8 @@ def train_experience(cfg: SolverConfig, state: SolverState, *, images: np.ndarra
     else:
         step_fn = make_step(cfg, gen_apply if with_replay and not pooled else None,
                             with_replay, pooled=pooled,
-                            gen_labels=gen_labels if with_replay and not pooled else None)
+                            gen_labels=_traced(gen_labels) if with_replay and not pooled
+                            else None)
     frozen = (gen_params, schedule) if with_replay else (None, None)
     fresh_labels = with_replay and not pooled and gen_labels is not None
     if pooled:
