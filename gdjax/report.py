@@ -42,7 +42,9 @@ A metric with no known direction, or a column with no contender, has no bold ent
 Labels are in the paper's words (STRATEGY_LABELS: "generative distillation" for
 full_generation_distillation, "generative replay" for no_distillation, ...); runs of one
 strategy whose configs differ in more than the seed (bookkeeping keys such as `log.*` aside)
-get the differing keys in their label, e.g. `generative distillation (strategy.lambd=3.0)`.
+get the differing keys in their label, e.g. `generative distillation (strategy.lambd=3.0)`;
+a generator regulariser and a class-conditional model are named in words
+(`naive (fine-tuning) + EWC`, `generative distillation, class-conditional`).
 Metric headers are readable too (METRIC_LABELS, with ↓ lower / ↑ higher is better). File
 names keep the internal metric names. Experiences are 0-based, as in the metric files.
 """
@@ -257,21 +259,30 @@ def _regulariser(run: RunRecord) -> str:
     return rundir.with_added_keys(run.config)["strategy"]["regulariser"]
 
 
+def _conditional(run: RunRecord) -> bool:
+    return bool(rundir.with_added_keys(run.config)["model"]["class_conditional"])
+
+
+# Config keys a label names in words, not as key=value: they are part of the method.
+_NAMED_KEYS = ("strategy.regulariser", "model.class_conditional")
+
+
 def assign_labels(runs: Sequence[RunRecord]) -> None:
     """Sets each run's label: its strategy in the paper's words, plus the config values that
     set it apart from other runs of that strategy. Raises if one label holds a seed twice."""
     by_strategy = collections.defaultdict(list)
-    for run in runs:  # a generator regulariser is part of the strategy's name
-        by_strategy[(run.strategy, _regulariser(run))].append(run)
-    for (name, reg), group in by_strategy.items():
-        varying = [k for k in _varying_keys([r.config for r in group])
-                   if k != "strategy.regulariser"]
+    for run in runs:  # a generator regulariser and class conditioning are part of the name
+        by_strategy[(run.strategy, _regulariser(run), _conditional(run))].append(run)
+    for (name, reg, conditional), group in by_strategy.items():
+        varying = [k for k in _varying_keys([r.config for r in group]) if k not in _NAMED_KEYS]
         for run in group:
             flat = _flatten(rundir.with_added_keys(run.config))
             extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
             words = STRATEGY_LABELS.get(name, name)
             if reg != regularisers.NONE:
                 words += f" + {regularisers.LABELS.get(reg, reg)}"
+            if conditional:
+                words += ", class-conditional"
             run.label = f"{words} ({extra})" if extra else words
     seen: dict[tuple, str] = {}
     for run in runs:

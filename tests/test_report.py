@@ -451,7 +451,7 @@ def test_labels_name_the_config_keys_that_differ(tmp_path):
     assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
 
 
-def test_a_generator_regulariser_is_named_in_the_label(tmp_path):
+def test_a_generator_regulariser_and_class_conditioning_are_named_in_the_label(tmp_path):
     rows = [{"kld": 1.0}]
     old = write_run(tmp_path / "old", "naive", 42, rows, grid=False)
     path = os.path.join(old, "config.json")
@@ -465,10 +465,19 @@ def test_a_generator_regulariser_is_named_in_the_label(tmp_path):
             write_run(tmp_path / "si", "naive", 42, rows, grid=False,
                       strategy__regulariser="si"),
             write_run(tmp_path / "gd_si", "full_generation_distillation", 42, rows,
-                      grid=False, strategy__regulariser="si")]
+                      grid=False, strategy__regulariser="si"),
+            write_run(tmp_path / "gd", "full_generation_distillation", 42, rows, grid=False),
+            write_run(tmp_path / "gd_c", "full_generation_distillation", 42, rows, grid=False,
+                      model__class_conditional=True),
+            write_run(tmp_path / "gd_c2", "full_generation_distillation", 42, rows,
+                      grid=False, model__class_conditional=True,
+                      strategy__teacher_guidance=2.0)]
     groups = report.load_runs(runs)
-    assert list(groups) == ["naive (fine-tuning)", "naive (fine-tuning) + EWC",
-                            "naive (fine-tuning) + SI", "generative distillation + SI"]
+    assert sorted(groups) == sorted([
+        "naive (fine-tuning)", "naive (fine-tuning) + EWC", "naive (fine-tuning) + SI",
+        "generative distillation + SI", "generative distillation",
+        "generative distillation, class-conditional (strategy.teacher_guidance=1.0)",
+        "generative distillation, class-conditional (strategy.teacher_guidance=2.0)"])
 
 
 def test_runs_of_older_code_share_a_label_with_newer_runs(tmp_path):
