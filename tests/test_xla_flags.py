@@ -50,3 +50,19 @@ def test_a_launchers_compilations_land_in_the_cache(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "7.0", done.stderr[-2000:]
     assert os.listdir(tmp_path / "xla"), "nothing was cached"
+
+
+def test_the_runtime_requirements_carry_what_the_cache_needs():
+    """JAX reads and writes no persistent cache entry without `filelock` once a size limit
+    is set (it warns on every compilation instead). The test environment gets filelock
+    through torch, so the test above passes there either way: the runtime's own
+    requirements.txt (the main job's install) must name it."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "requirements.txt")) as f:
+        names = {re.split(r"[=<>\[ ]", line.strip(), maxsplit=1)[0].lower()
+                 for line in f if line.strip() and not line.startswith("#")}
+    assert "filelock" in names
+    assert xla_flags.CACHE_MAX_BYTES > 0
