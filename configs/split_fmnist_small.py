@@ -3,10 +3,12 @@
 The real data set (all 60,000 training and 10,000 test images; Debian's
 dataset-fashion-mnist or data_dir), 5 experiences of 2 classes in avalanche's order, the
 paper's strategies, the reference's schedule, sampler and loss. What is reduced, aiming at
-10 minutes per run on 2 CPU cores, evaluation included (not met: measured 2026-12-03 on 2
-cores, seed 42, a generative distillation run takes 17.7 minutes: the generator's 1,500
-steps 10.2 (compilation and checkpoints included), the solver 3.4, the evaluation 3.6, of
-which Inception FID on 1,000 samples 1.7; README, "The paper's comparison on real Split
+10 minutes per run on 2 CPU cores, evaluation included (met: measured 2026-12-05 on 2
+cores, seed 42, a generative distillation run takes 9 min 19 s: the generator's 1,500
+steps 5.5 min (compilation and checkpoints included), the solver 1.7, the evaluation 2.2,
+of which the last experience's, Inception FID on 1,000 samples included, 1.7; on
+2026-12-03 the same run took 17.7 minutes, its steps 0.38 s against 0.22 s, cause not
+found: these machines' speed varies; README, "The paper's comparison on real Split
 Fashion-MNIST", has every run's time):
 
 - 16x16 images (bilinear, antialiased) instead of 32x32;
