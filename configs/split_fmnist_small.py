@@ -25,7 +25,8 @@ Fashion-MNIST", has every run's time):
 - the evaluation classifier is REFERENCE §6's SimpleCNN, not §7's ResNet-18, whose 7x7/2 stem
   leaves 4x4 maps of a 16x16 image (89.7% test accuracy after 6 epochs against SimpleCNN's
   91% after 15); it is trained on first use (gdjax/eval/classifier.py DEFAULT_TRAINING) and
-  cached (2026-12-02, 2 cores: 516 s of training, 91.05% test accuracy);
+  cached (2026-12-02, 2 cores: 516 s of training, 91.05% test accuracy; trained afresh at
+  acf8b4c on 2026-12-07, 90.82%, in 1,794 s beside the test suite);
 - the solver (REFERENCE §6's SimpleCNN) trains 3 epochs per experience (94 steps of 128 real
   rows plus 32 replay rows each) instead of 20, its replay rows drawn from a pool of 3,000
   samples the previous generator makes once per experience (solver.replay_pool; the
