@@ -43,8 +43,10 @@ Labels are in the paper's words (STRATEGY_LABELS: "generative distillation" for
 full_generation_distillation, "generative replay" for no_distillation, ...); runs of one
 strategy whose configs differ in more than the seed (bookkeeping keys such as `log.*` aside)
 get the differing keys in their label, e.g. `generative distillation (strategy.lambd=3.0)`;
-a generator regulariser and a class-conditional model are named in words
-(`naive (fine-tuning) + EWC`, `generative distillation, class-conditional`).
+a generator regulariser, a class-conditional model, a moving average of the params and
+min-SNR replay timesteps are named in words (`naive (fine-tuning) + EWC`,
+`generative distillation, class-conditional`, `generative distillation, EMA teacher
+(decay 0.98)`, `generative distillation, min-SNR replay timesteps (γ = 5.0)`).
 Metric headers are readable too (METRIC_LABELS, with ↓ lower / ↑ higher is better). File
 names keep the internal metric names. Experiences are 0-based, as in the metric files.
 """
@@ -255,35 +257,43 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _regulariser(run: RunRecord) -> str:
-    return rundir.with_added_keys(run.config)["strategy"]["regulariser"]
-
-
-def _conditional(run: RunRecord) -> bool:
-    return bool(rundir.with_added_keys(run.config)["model"]["class_conditional"])
+def _method_words(run: RunRecord) -> str:
+    """What the run adds to its strategy, in words: a generator regulariser, class
+    conditioning, a moving average of the params (as the teacher or for evaluation), min-SNR
+    replay timesteps; "" for none of them."""
+    config = rundir.with_added_keys(run.config)
+    strategy, train = config["strategy"], config["train"]
+    words = ""
+    if strategy["regulariser"] != regularisers.NONE:
+        words += f" + {regularisers.LABELS.get(strategy['regulariser'], strategy['regulariser'])}"
+    if config["model"]["class_conditional"]:
+        words += ", class-conditional"
+    if train["ema_decay"] > 0:
+        kind = "EMA teacher" if train["ema_teacher"] else "EMA of the params"
+        words += f", {kind} (decay {_show(train['ema_decay'])})"
+    if strategy["replay_timesteps"] == "min_snr":
+        words += f", min-SNR replay timesteps (γ = {_show(strategy['replay_snr_gamma'])})"
+    return words
 
 
 # Config keys a label names in words, not as key=value: they are part of the method.
-_NAMED_KEYS = ("strategy.regulariser", "model.class_conditional")
+_NAMED_KEYS = ("strategy.regulariser", "model.class_conditional", "train.ema_decay",
+               "train.ema_teacher", "strategy.replay_timesteps", "strategy.replay_snr_gamma")
 
 
 def assign_labels(runs: Sequence[RunRecord]) -> None:
     """Sets each run's label: its strategy in the paper's words, plus the config values that
     set it apart from other runs of that strategy. Raises if one label holds a seed twice."""
-    by_strategy = collections.defaultdict(list)
-    for run in runs:  # a generator regulariser and class conditioning are part of the name
-        by_strategy[(run.strategy, _regulariser(run), _conditional(run))].append(run)
-    for (name, reg, conditional), group in by_strategy.items():
+    by_method = collections.defaultdict(list)
+    for run in runs:  # what _method_words names is part of the method, so of the name
+        by_method[(run.strategy, _method_words(run))].append(run)
+    for (name, words), group in by_method.items():
         varying = [k for k in _varying_keys([r.config for r in group]) if k not in _NAMED_KEYS]
         for run in group:
             flat = _flatten(rundir.with_added_keys(run.config))
             extra = ", ".join(f"{k}={_show(flat.get(k))}" for k in varying)
-            words = STRATEGY_LABELS.get(name, name)
-            if reg != regularisers.NONE:
-                words += f" + {regularisers.LABELS.get(reg, reg)}"
-            if conditional:
-                words += ", class-conditional"
-            run.label = f"{words} ({extra})" if extra else words
+            label = STRATEGY_LABELS.get(name, name) + words
+            run.label = f"{label} ({extra})" if extra else label
     seen: dict[tuple, str] = {}
     for run in runs:
         other = seen.setdefault((run.label, json.dumps(run.seed)), run.workdir)

@@ -498,9 +498,34 @@ def test_runs_of_older_code_share_a_label_with_newer_runs(tmp_path):
     assert list(groups) == ["naive (fine-tuning)"]
     assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
     groups = report.load_runs([old, new, other])
-    assert sorted(groups) == ["naive (fine-tuning) (train.ema_decay=0.0)",
-                              "naive (fine-tuning) (train.ema_decay=0.5)"]
-    assert [r.seed for r in groups["naive (fine-tuning) (train.ema_decay=0.0)"]] == [42, 69]
+    assert sorted(groups) == ["naive (fine-tuning)",
+                              "naive (fine-tuning), EMA of the params (decay 0.5)"]
+    assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
+
+
+def test_a_moving_average_and_min_snr_timesteps_are_named_in_the_label(tmp_path):
+    rows = [{"kld": 1.0}]
+    gd = "full_generation_distillation"
+    runs = [write_run(tmp_path / "gd", gd, 42, rows, grid=False),
+            # gamma means nothing to uniform timesteps: the same method as the plain run
+            write_run(tmp_path / "gd_g", gd, 69, rows, grid=False,
+                      strategy__replay_snr_gamma=2.0),
+            write_run(tmp_path / "ema", gd, 42, rows, grid=False, train__ema_decay=0.98,
+                      train__ema_teacher=True),
+            write_run(tmp_path / "ema_eval", gd, 42, rows, grid=False,
+                      train__ema_decay=0.9),
+            write_run(tmp_path / "snr", gd, 42, rows, grid=False,
+                      strategy__replay_timesteps="min_snr"),
+            write_run(tmp_path / "snr2", gd, 42, rows, grid=False,
+                      strategy__replay_timesteps="min_snr", strategy__replay_snr_gamma=2.0)]
+    groups = report.load_runs(runs)
+    assert sorted(groups) == sorted([
+        "generative distillation",
+        "generative distillation, EMA teacher (decay 0.98)",
+        "generative distillation, EMA of the params (decay 0.9)",
+        "generative distillation, min-SNR replay timesteps (γ = 5.0)",
+        "generative distillation, min-SNR replay timesteps (γ = 2.0)"])
+    assert [r.seed for r in groups["generative distillation"]] == [42, 69]
 
 
 def test_missing_values_lower_n_and_are_marked(tmp_path):
