@@ -59,6 +59,8 @@ def get_config() -> ConfigDict:
         beta_start=1e-4,
         beta_end=0.02,
         rescale_zero_snr=True,
+        clip_sample=True,       # DDIM clips its x0 estimate to [-1, 1] (the reference, and
+                                # diffusers' default); False: unclipped, everywhere it samples
     ))
     c.strategy = ConfigDict(dict(
         name="full_generation_distillation",

@@ -88,7 +88,8 @@ def ddim_step(
     eta: float = 0.0,
     noise: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """One DDIM update x_t -> x_{t_prev} (eps parameterisation, x0 clipped to [-1, 1]).
+    """One DDIM update x_t -> x_{t_prev} (eps parameterisation; x0 clipped to [-1, 1] where
+    `schedule.clip_sample`, as in the reference).
 
     `t` and `t_prev` are int arrays of shape [B]; `noise` (like x_t) is required when eta > 0.
     """
@@ -96,7 +97,8 @@ def ddim_step(
     a_t = _alpha_bar(schedule, t).reshape(shape)
     a_prev = _alpha_bar(schedule, t_prev).reshape(shape)
     x0_hat = (x_t - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t + 1e-8)
-    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+    if schedule.clip_sample:
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
     shrink = (1.0 - a_t / (a_prev + 1e-8)) / (1.0 - a_t)
     std = eta * jnp.sqrt((1.0 - a_prev) * shrink)
     # 1 - a_prev - std**2, factored so that it stays exactly 0 at eta = 1, t = T-1 in float32

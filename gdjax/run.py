@@ -113,9 +113,11 @@ class DiffusionSettings:
     beta_start: float
     beta_end: float
     rescale_zero_snr: bool
+    clip_sample: bool
 
     def __post_init__(self):
         _one_of(self.beta_schedule, BETA_SCHEDULES, "diffusion.beta_schedule")
+        _bools(self, "diffusion", "clip_sample")
         # schedule_arrays checks the numbers and names the bad one, on the host (a run
         # with bad data must stop before anything is placed on a device or compiled)
         schedule_arrays(**self.schedule_args())
@@ -132,7 +134,7 @@ class DiffusionSettings:
 
 @functools.lru_cache(maxsize=8)
 def _schedule(d: DiffusionSettings) -> Schedule:
-    return make_schedule(**d.schedule_args())
+    return make_schedule(**d.schedule_args(), clip_sample=d.clip_sample)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,7 +119,9 @@ ADDED_KEYS = {"eval.every_steps": 0, "train.ema_decay": 0.0, "train.ema_teacher"
               "model.class_conditional": False, "strategy.teacher_guidance": 1.0,
               "train.label_dropout": 0.1, "eval.guidance_scale": 1.0,
               # the replay rows' timestep rule
-              "strategy.replay_timesteps": "uniform", "strategy.replay_snr_gamma": 5.0}
+              "strategy.replay_timesteps": "uniform", "strategy.replay_snr_gamma": 5.0,
+              # the sampler's x0 clip
+              "diffusion.clip_sample": True}
 
 
 def comparable(config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict:

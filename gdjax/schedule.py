@@ -1,27 +1,35 @@
 """Noise schedules of the forward diffusion process, and `add_noise`.
 
-A `Schedule` is a NamedTuple of float32 arrays, hence a pytree: it can be passed
-into jitted functions as an ordinary argument. Construction happens on the host in
-numpy float32, mirroring the PyTorch baseline's arithmetic (REFERENCE §1).
+A `Schedule` is a pytree of float32 arrays: it can be passed into jitted functions as an
+ordinary argument. Construction happens on the host in numpy float32, mirroring the
+PyTorch baseline's arithmetic (REFERENCE §1).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "cosine")
 
 
-class Schedule(NamedTuple):
-    """Per-timestep quantities, each a float32 array of shape [T]."""
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["betas", "alphas", "alphas_cumprod"], meta_fields=["clip_sample"])
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Per-timestep quantities, each a float32 array of shape [T]; and whether the DDIM
+    sampler clips its x0 estimate to [-1, 1] (diffusers' `clip_sample`; the reference does).
+    `clip_sample` is static: a jitted function traces once for each value."""
 
     betas: jnp.ndarray
     alphas: jnp.ndarray
     alphas_cumprod: jnp.ndarray
+    clip_sample: bool = True
 
     @property
     def num_train_timesteps(self) -> int:
@@ -58,9 +66,14 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 MAX_TIMESTEPS = 100_000
 
 
-def make_schedule(beta_schedule: str = "linear", **kwargs) -> Schedule:
-    """Builds the schedule; the defaults are the reference's (linear, zero terminal SNR)."""
-    return Schedule(*(jnp.asarray(a) for a in schedule_arrays(beta_schedule, **kwargs)))
+def make_schedule(beta_schedule: str = "linear", *, clip_sample: bool = True,
+                  **kwargs) -> Schedule:
+    """Builds the schedule; the defaults are the reference's (linear, zero terminal SNR,
+    x0 clipped in sampling)."""
+    if not isinstance(clip_sample, (bool, np.bool_)):
+        raise ValueError(f"diffusion.clip_sample={clip_sample!r} must be True or False.")
+    arrays = (jnp.asarray(a) for a in schedule_arrays(beta_schedule, **kwargs))
+    return Schedule(*arrays, clip_sample=bool(clip_sample))
 
 
 def schedule_arrays(

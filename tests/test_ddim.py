@@ -32,24 +32,26 @@ def ref_grid(n, k):
     return np.stack([np.round((n - i) * ratio) - 1 + k for i in range(n)]).astype(np.int64)
 
 
-def ref_step(x, e, t, t_prev, eta, noise):
+def ref_step(x, e, t, t_prev, eta, noise, clip=True):
     a_t = ALPHA_BAR[t][:, None, None, None]
     a_prev = np.where(t_prev >= 0, ALPHA_BAR[np.maximum(t_prev, 0)], 1.0)[:, None, None, None]
-    x0 = np.clip((x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t + 1e-8), -1, 1)
+    x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t + 1e-8)
+    x0 = np.clip(x0, -1, 1) if clip else x0
     var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / (a_prev + 1e-8))
     std = eta * np.sqrt(var)
     out = np.sqrt(a_prev) * x0 + np.sqrt(np.clip(1 - a_prev - std**2, 0, 1)) * e
     return out + std * noise if eta > 0 else out
 
 
-def ref_loop(x, n, k, eta=0.0, noises=None):
+def ref_loop(x, n, k, eta=0.0, noises=None, clip=True):
     x = np.asarray(x, np.float64)
     k = np.broadcast_to(np.asarray(k, np.int64), x.shape[:1])
     grid = ref_grid(n, k)
     for i in range(n):
         t = grid[i]
         t_prev = t - (T - k) // n
-        new = ref_step(x, model_np(x, t), t, t_prev, eta, None if noises is None else noises[i])
+        new = ref_step(x, model_np(x, t), t, t_prev, eta, None if noises is None else noises[i],
+                       clip)
         keep = (t == grid[i - 1]) if i else np.zeros_like(t, bool)
         x = np.where(keep[:, None, None, None], x, new)
     return x
@@ -87,9 +89,57 @@ def test_one_step_matches_reference():
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps", "eta", "return_trajectory"))
-def run(x, targets, rng, *, num_steps, eta=0.0, return_trajectory=False):
-    return ddim.reverse_process(model_jnp, SCHEDULE, x, num_steps=num_steps, targets=targets,
+def run(x, targets, rng, *, num_steps, eta=0.0, return_trajectory=False, schedule=SCHEDULE):
+    return ddim.reverse_process(model_jnp, schedule, x, num_steps=num_steps, targets=targets,
                                 eta=eta, rng=rng, return_trajectory=return_trajectory)
+
+
+def test_one_step_without_the_x0_clip_matches_reference():
+    """diffusion.clip_sample=False: the step leaves x0's estimate as it is."""
+    unclipped = make_schedule(clip_sample=False)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 3, 3, 2)).astype(np.float32)
+    e = rng.normal(size=x.shape).astype(np.float32)
+    t, t_prev = np.array([950, 500, 99, 5]), np.array([850, 400, -1, 0])
+    got = ddim.ddim_step(unclipped, jnp.asarray(x), jnp.asarray(e), t=jnp.asarray(t),
+                         t_prev=jnp.asarray(t_prev))
+    want = ref_step(x, e, t, t_prev, 0.0, None, clip=False)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    # the clip changes these rows, so the two paths are told apart
+    assert np.abs(want - ref_step(x, e, t, t_prev, 0.0, None)).max() > 0.1
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_reverse_process_without_the_x0_clip_matches_reference(eta):
+    unclipped = make_schedule(clip_sample=False)
+    x = np.random.default_rng(5).normal(size=(5, 4, 4, 1)).astype(np.float32)
+    rng = jax.random.key(6)
+    noises = [np.asarray(ddim.step_noise(rng, i, x.shape)) for i in range(10)]
+    targets = np.array([0, 10, 200, 500, 900])
+    got = run(jnp.asarray(x), jnp.asarray(targets), rng, num_steps=10, eta=eta,
+              schedule=unclipped)
+    want = ref_loop(x, 10, targets, eta, noises if eta else None, clip=False)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    clipped = ref_loop(x, 10, targets, eta, noises if eta else None)
+    assert np.abs(want - clipped).max() > 0.1
+
+
+def test_the_clip_is_static_and_checked():
+    """Each clip_sample value is its own trace (a Python branch, not a select), and a
+    non-bool is refused early with the key's name."""
+    traces = []
+
+    @jax.jit
+    def f(schedule, x):
+        traces.append(schedule.clip_sample)
+        return ddim.reverse_process(model_jnp, schedule, x, num_steps=2)
+
+    x = jnp.ones((2, 4, 4, 1))
+    for clip in (True, False, True):
+        f(make_schedule(clip_sample=clip), x)
+    assert traces == [True, False]
+    with pytest.raises(ValueError, match="diffusion.clip_sample"):
+        make_schedule(clip_sample="no")
 
 
 @pytest.mark.parametrize("n", [2, 10])
@@ -167,3 +217,21 @@ def test_bad_target(k):
 def test_eta_needs_a_key():
     with pytest.raises(ValueError, match="rng"):
         ddim.reverse_process(model_jnp, SCHEDULE, jnp.zeros((1, 2, 2, 1)), num_steps=2, eta=1.0)
+
+
+def test_the_config_key_reaches_the_runs_schedule():
+    """diffusion.clip_sample sets the schedule every sampler of a run reads (the teacher's
+    replay, the solver's replay, the evaluation); a non-bool names the key."""
+    from gdjax import run as run_lib
+    from tests.helpers import tiny_config
+
+    c = tiny_config()
+    assert run_lib.settings_from_config(c).schedule.clip_sample is True
+    c.diffusion.clip_sample = False
+    schedule = run_lib.settings_from_config(c).schedule
+    assert schedule.clip_sample is False
+    np.testing.assert_array_equal(np.asarray(schedule.alphas_cumprod), ALPHA_BAR.astype(np.float32))
+    with c.ignore_type():  # ConfigDict refuses it on the command line; a dict may not
+        c.diffusion.clip_sample = 0
+    with pytest.raises(ValueError, match=r"diffusion\.clip_sample=0 must be True or False"):
+        run_lib.settings_from_config(c)
