@@ -260,7 +260,7 @@ def _show(value) -> str:
 def _method_words(run: RunRecord) -> str:
     """What the run adds to its strategy, in words: a generator regulariser, class
     conditioning, a moving average of the params (as the teacher or for evaluation), min-SNR
-    replay timesteps; "" for none of them."""
+    replay timesteps, a sampler without the x0 clip; "" for none of them."""
     config = rundir.with_added_keys(run.config)
     strategy, train = config["strategy"], config["train"]
     words = ""
@@ -273,12 +273,15 @@ def _method_words(run: RunRecord) -> str:
         words += f", {kind} (decay {_show(train['ema_decay'])})"
     if strategy["replay_timesteps"] == "min_snr":
         words += f", min-SNR replay timesteps (γ = {_show(strategy['replay_snr_gamma'])})"
+    if not config["diffusion"]["clip_sample"]:
+        words += ", DDIM without the x0 clip"
     return words
 
 
 # Config keys a label names in words, not as key=value: they are part of the method.
 _NAMED_KEYS = ("strategy.regulariser", "model.class_conditional", "train.ema_decay",
-               "train.ema_teacher", "strategy.replay_timesteps", "strategy.replay_snr_gamma")
+               "train.ema_teacher", "strategy.replay_timesteps", "strategy.replay_snr_gamma",
+               "diffusion.clip_sample")
 
 
 def assign_labels(runs: Sequence[RunRecord]) -> None:

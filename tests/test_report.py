@@ -503,7 +503,7 @@ def test_runs_of_older_code_share_a_label_with_newer_runs(tmp_path):
     assert [r.seed for r in groups["naive (fine-tuning)"]] == [42, 69]
 
 
-def test_a_moving_average_and_min_snr_timesteps_are_named_in_the_label(tmp_path):
+def test_a_moving_average_min_snr_timesteps_and_no_clip_are_named_in_the_label(tmp_path):
     rows = [{"kld": 1.0}]
     gd = "full_generation_distillation"
     runs = [write_run(tmp_path / "gd", gd, 42, rows, grid=False),
@@ -517,14 +517,17 @@ def test_a_moving_average_and_min_snr_timesteps_are_named_in_the_label(tmp_path)
             write_run(tmp_path / "snr", gd, 42, rows, grid=False,
                       strategy__replay_timesteps="min_snr"),
             write_run(tmp_path / "snr2", gd, 42, rows, grid=False,
-                      strategy__replay_timesteps="min_snr", strategy__replay_snr_gamma=2.0)]
+                      strategy__replay_timesteps="min_snr", strategy__replay_snr_gamma=2.0),
+            write_run(tmp_path / "noclip", gd, 42, rows, grid=False,
+                      diffusion__clip_sample=False)]
     groups = report.load_runs(runs)
     assert sorted(groups) == sorted([
         "generative distillation",
         "generative distillation, EMA teacher (decay 0.98)",
         "generative distillation, EMA of the params (decay 0.9)",
         "generative distillation, min-SNR replay timesteps (γ = 5.0)",
-        "generative distillation, min-SNR replay timesteps (γ = 2.0)"])
+        "generative distillation, min-SNR replay timesteps (γ = 2.0)",
+        "generative distillation, DDIM without the x0 clip"])
     assert [r.seed for r in groups["generative distillation"]] == [42, 69]
 
 
