@@ -43,10 +43,11 @@ Labels are in the paper's words (STRATEGY_LABELS: "generative distillation" for
 full_generation_distillation, "generative replay" for no_distillation, ...); runs of one
 strategy whose configs differ in more than the seed (bookkeeping keys such as `log.*` aside)
 get the differing keys in their label, e.g. `generative distillation (strategy.lambd=3.0)`;
-a generator regulariser, a class-conditional model, a moving average of the params and
-min-SNR replay timesteps are named in words (`naive (fine-tuning) + EWC`,
-`generative distillation, class-conditional`, `generative distillation, EMA teacher
-(decay 0.98)`, `generative distillation, min-SNR replay timesteps (γ = 5.0)`).
+a generator regulariser, a class-conditional model, a moving average of the params,
+min-SNR replay timesteps and sampling without DDIM's x0 clip are named in words
+(`naive (fine-tuning) + EWC`, `generative distillation, class-conditional`, `generative
+distillation, EMA teacher (decay 0.98)`, `generative distillation, min-SNR replay
+timesteps (γ = 5.0)`, `generative distillation, DDIM without the x0 clip`).
 Metric headers are readable too (METRIC_LABELS, with ↓ lower / ↑ higher is better). File
 names keep the internal metric names. Experiences are 0-based, as in the metric files.
 """
